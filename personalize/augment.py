@@ -1,0 +1,113 @@
+"""Augmentation presets of the methods' codebases, driven by an explicit generator (reproducible, resumable).
+
+ti:               resize to a square (bicubic, aspect not kept), h-flip p=0.5            (TI / diffusers TI)
+dreambooth:       resize short side (bilinear), random crop, no flip                      (diffusers DreamBooth)
+attn:             p=0.75 rotation in [-45, 45] (expand), resize short side, h-flip p=0.25, random crop
+                  (AttnDreamBooth and CoRe share this dataset class)
+custom_diffusion: centre square crop, h-flip p=0.5, then random rescale: p=2/3 scale in [S/3, S], else
+                  [1.2 S, 1.4 S]; below 0.6 S the image is pasted on a black canvas, the caption gets
+                  "a far away " / "very small " and the loss mask is the pasted box shrunk by one latent
+                  pixel; above S it is cropped and the caption gets "zoomed in " / "close up "; in between
+                  nothing changes (as in the official code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+PRESETS = ("ti", "dreambooth", "attn", "custom_diffusion")
+
+
+@dataclass
+class Variant:
+    pixels: torch.Tensor  # (3, S, S) in [-1, 1]
+    mask: torch.Tensor | None  # (1, S / f, S / f) latent-resolution loss mask, or None (all ones)
+    caption_prefix: str = ""
+
+
+def _uniform(gen: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    return low + (high - low) * torch.rand((), generator=gen).item()
+
+
+def _randint(gen: torch.Generator, low: int, high: int) -> int:
+    """Integer in [low, high] inclusive."""
+    return int(torch.randint(low, high + 1, (), generator=gen).item())
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def resize_short_side(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+
+
+def random_crop(image: Image.Image, size: int, gen: torch.Generator) -> Image.Image:
+    w, h = image.size
+    left, top = _randint(gen, 0, w - size), _randint(gen, 0, h - size)
+    return image.crop((left, top, left + size, top + size))
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def flip(image: Image.Image, p: float, gen: torch.Generator) -> Image.Image:
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if _uniform(gen) < p else image
+
+
+def augment(image: Image.Image, preset: str, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    if preset == "ti":
+        image = flip(image.resize((size, size), Image.BICUBIC), 0.5, gen)
+        return Variant(to_tensor(image), None)
+    if preset == "dreambooth":
+        return Variant(to_tensor(random_crop(resize_short_side(image, size), size, gen)), None)
+    if preset == "attn":
+        if _uniform(gen) < 0.75:
+            image = image.rotate(_uniform(gen, -45.0, 45.0), resample=Image.NEAREST, expand=True)
+        image = flip(resize_short_side(image, size), 0.25, gen)
+        return Variant(to_tensor(random_crop(image, size, gen)), None)
+    if preset == "custom_diffusion":
+        return _random_rescale(flip(center_square(image).resize((size, size), Image.BILINEAR), 0.5, gen), size, vae_scale, gen)
+    raise ValueError(f"unknown augmentation preset {preset!r}; available: {PRESETS}")
+
+
+def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    if _uniform(gen) < 2 / 3:
+        scale = _randint(gen, size // 3, size)
+    else:
+        scale = _randint(gen, int(1.2 * size), int(1.4 * size))
+    scale += scale % 2
+    latent = size // vae_scale
+    if scale < 0.6 * size:
+        small = image.resize((scale, scale), Image.BICUBIC)
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        half = scale // 2
+        cx, cy = _randint(gen, half, size - half), _randint(gen, half, size - half)
+        canvas.paste(small, (cx - half, cy - half))
+        mask = torch.zeros(1, latent, latent)
+        x0, y0 = (cx - half) // vae_scale + 1, (cy - half) // vae_scale + 1
+        x1, y1 = (cx + half) // vae_scale - 1, (cy + half) // vae_scale - 1
+        mask[:, y0:y1, x0:x1] = 1.0
+        prefix = "a far away " if _uniform(gen) < 0.5 else "very small "
+        return Variant(to_tensor(canvas), mask, prefix)
+    if scale > size:
+        zoomed = random_crop(image.resize((scale, scale), Image.BICUBIC), size, gen)
+        prefix = "zoomed in " if _uniform(gen) < 0.5 else "close up "
+        return Variant(to_tensor(zoomed), None, prefix)
+    return Variant(to_tensor(image), None)
+
+
+def plain(image: Image.Image, size: int) -> Variant:
+    """Class-prior images: resize the short side and centre-crop, no randomness."""
+    return Variant(to_tensor(center_square(resize_short_side(image, size))), None)

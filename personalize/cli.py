@@ -1,0 +1,85 @@
+"""The `personalize` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from personalize.errors import PersonalizeError
+
+
+def cmd_tiny_model(args) -> int:
+    from personalize.models import build_tiny_model
+
+    path = build_tiny_model(args.directory, seed=args.seed)
+    print(f"tiny Stable Diffusion pipeline written to {path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from personalize.config import available_methods, load_method
+    from personalize.methods_table import method_table
+
+    for name in available_methods():
+        print(method_table(load_method(name)))
+        print()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from personalize.config import load_experiment
+    from personalize.training import train_all
+
+    runs = load_experiment(args.config, args.overrides)
+    outcomes = train_all(runs, resume=args.resume)
+    return 0 if any(o.status in ("finished", "skipped") for o in outcomes) else 1
+
+
+def cmd_demo(args) -> int:
+    from personalize.demo import run_demo
+
+    return run_demo(Path(args.output), steps_scale=args.scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personalize", description="Staged text-to-image personalization.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion pipeline (diffusers format)")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("methods", help="print every method's stage table")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("train", help="train every concept of an experiment file in this process")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.identity.steps=200 seed=3")
+    p.add_argument("--resume", action="store_true", help="continue runs that stopped part-way")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="build a tiny model, draw concepts, train each method briefly, print a table")
+    p.add_argument("--output", default="outputs/demo")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the demo's step counts")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except PersonalizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

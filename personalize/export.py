@@ -1,0 +1,70 @@
+"""Run outputs in formats other tools load: diffusers and A1111/ComfyUI embeddings, UNet weights.
+
+  learned_embeds.safetensors       {token: (vectors, D)} per subject (diffusers `load_textual_inversion`)
+  learned_embeds-<k>.safetensors   one file per subject when a concept has several (DisenDiff)
+  <concept>.a1111.safetensors      {"emb_params": (vectors, D)} (A1111 / ComfyUI embeddings folder)
+  unet.safetensors                 only the UNet parameters some stage trained, by state-dict name
+  placeholders.json                how to rebuild the tokens (strings, ids order, super-categories)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from personalize.tokens import Placeholders
+
+EMBEDS = "learned_embeds.safetensors"
+UNET = "unet.safetensors"
+PLACEHOLDERS = "placeholders.json"
+
+
+def save_embeddings(run_dir: Path, concept_id: str, rows: dict[str, torch.Tensor]) -> list[Path]:
+    if not rows:
+        return []
+    written = [run_dir / EMBEDS]
+    save_file({k: v.contiguous() for k, v in rows.items()}, str(written[0]))
+    items = list(rows.items())
+    for k, (token, value) in enumerate(items, 1):
+        suffix = "" if len(items) == 1 else f"-{k}"
+        if len(items) > 1:
+            path = run_dir / f"learned_embeds{suffix}.safetensors"
+            save_file({token: value.contiguous()}, str(path))
+            written.append(path)
+        a1111 = run_dir / f"{concept_id}{suffix}.a1111.safetensors"
+        save_file({"emb_params": value.contiguous()}, str(a1111), metadata={"name": f"{concept_id}{suffix}", "token": token})
+        written.append(a1111)
+    return written
+
+
+def save_unet(run_dir: Path, learned: dict[str, torch.Tensor]) -> Path | None:
+    unet = {k.removeprefix("unet."): v.detach().cpu().contiguous() for k, v in learned.items() if k.startswith("unet.")}
+    if not unet:
+        return None
+    save_file(unet, str(run_dir / UNET))
+    return run_dir / UNET
+
+
+def save_placeholders(run_dir: Path, placeholders: Placeholders, subject_phrase: str) -> Path:
+    path = run_dir / PLACEHOLDERS
+    path.write_text(json.dumps({
+        "tokens": placeholders.tokens,
+        "strings": placeholders.strings,
+        "super_categories": placeholders.super_categories,
+        "learned": placeholders.learned,
+        "subject": subject_phrase,
+    }, indent=1))
+    return path
+
+
+def load_unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / UNET
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def load_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / EMBEDS
+    return load_file(str(path)) if path.is_file() else {}

@@ -1,0 +1,88 @@
+"""Reading and validating concept images: every rejection names the concept, the file and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from personalize.errors import ConceptError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+CAPTION_SUFFIXES = {".txt"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; RGBA/LA/P/CMYK/16-bit/float converted to 8-bit RGB (transparency onto white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: 0..65535 -> 0..255
+        arr = np.asarray(image, dtype=np.float32)
+        arr = arr / 257.0 if arr.max() > 255 else arr
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(np.clip(arr / max(float(arr.max()), 1e-8) * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def list_image_files(concept_id: str, folder: str | Path, allow_captions: bool = False) -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConceptError(concept_id, f"image folder {folder} does not exist", "point `images` at a folder of 3-6 photos")
+    if not folder.is_dir():
+        raise ConceptError(concept_id, f"{folder} is not a folder", "point `images` at a folder of photos")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    allowed = IMAGE_SUFFIXES | (CAPTION_SUFFIXES if allow_captions else set())
+    others = [p.name for p in files if p.suffix.lower() not in allowed]
+    if others:
+        raise ConceptError(concept_id, f"{folder} holds files that are not images: {others[:5]}",
+                           "remove them or move them out of the folder (accepted: jpg, png, webp)")
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise ConceptError(concept_id, f"image folder {folder} is empty", "add 3-6 photos of the subject")
+    return images
+
+
+def read_image(concept_id: str, path: Path, min_side: int = 0) -> Image.Image:
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            image = to_rgb(handle)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ConceptError(concept_id, f"{path.name} cannot be read as an image ({e})",
+                           "replace or remove the file (it may be truncated or not an image)") from None
+    if min(image.size) < min_side:
+        raise ConceptError(concept_id, f"{path.name} is {image.size[0]}x{image.size[1]}, smaller than half the training "
+                           f"resolution ({min_side} px on the short side)", "use larger photos or a lower resolution")
+    return image
+
+
+def load_concept_images(concept_id: str, folder: str | Path, resolution: int) -> list[Image.Image]:
+    """All images of a concept, validated; raises ConceptError on the first bad file."""
+    return [read_image(concept_id, p, min_side=resolution // 2) for p in list_image_files(concept_id, folder)]
+
+
+def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Image.Image]:
+    """Foreground masks (white = subject), one per image, matched by file stem."""
+    folder = Path(folder)
+    masks = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else {}
+    missing = [n for n in names if Path(n).stem not in masks]
+    if missing:
+        raise ConceptError(concept_id, f"mask folder {folder} lacks masks for {missing}", "add one mask per image, same file stem")
+    return [read_image(concept_id, masks[Path(n).stem]).convert("L") for n in names]
+
+
+def load_captioned_folder(folder: str | Path, default_caption: str) -> list[tuple[Image.Image, str]]:
+    """Real regularisation images with captions: IMAGE.txt beside each image, else `default_caption`."""
+    pairs = []
+    for path in list_image_files("class-prior", folder, allow_captions=True):
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else default_caption
+        pairs.append((read_image("class-prior", path), caption))
+    return pairs

@@ -1,0 +1,282 @@
+"""Stable Diffusion components: load them (local folder, hub id, s3 uri) or build a tiny one offline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from personalize.errors import ModelUnavailableError
+
+SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+@dataclass
+class SDComponents:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    source: str
+    path: Path
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and loading
+
+
+def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
+    """A local diffusers folder for `model`: a folder as-is, an s3 uri downloaded once, a hub id from the cache/hub."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        missing = [s for s in SUBFOLDERS if not (local / s).is_dir()]
+        if missing:
+            raise ModelUnavailableError(
+                model, f"the folder lacks {missing}", "Pass a complete diffusers pipeline folder (see `personalize tiny-model`)."
+            )
+        return local
+    if model.startswith("s3://"):
+        from personalize.storage import download_prefix
+
+        target = Path(cache_dir or _default_cache()) / "models" / model.removeprefix("s3://").replace("/", "__")
+        return download_prefix(model, target)
+    if model.startswith(("/", ".", "~")) or os.sep in model and model.count("/") != 1:
+        raise ModelUnavailableError(model, "no such folder", "Pass an existing diffusers folder, an s3:// uri or a hub id.")
+    return _hub_snapshot(model, cache_dir)
+
+
+def _default_cache() -> str:
+    return os.environ.get("PERSONALIZE_CACHE", str(Path.home() / ".cache" / "personalize"))
+
+
+def _hub_snapshot(repo_id: str, cache_dir: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*.json", "*.txt", "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise ModelUnavailableError(
+            repo_id,
+            "it is not in the local Hugging Face cache and the hub cannot be reached",
+            "Pass a local diffusers folder (or an s3:// uri) as `model`; `personalize tiny-model DIR` builds a small "
+            "one offline.",
+        )
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelUnavailableError(repo_id, f"download failed ({type(e).__name__}: {e})", "Check the id or pass a local folder.") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request instead of the hub client's minutes of retries."""
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def load_components(model: str, cache_dir: str | None = None) -> SDComponents:
+    path = resolve_model_path(model, cache_dir)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        tokenizer.model_max_length = 77
+        return SDComponents(
+            tokenizer=tokenizer,
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            source=model,
+            path=path,
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelUnavailableError(model, f"loading from {path} failed ({e})", "Check that it is a diffusers pipeline folder.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The real CLIP tokenizer, built offline
+
+
+def clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
+    """The 49,408-token CLIP tokenizer of Stable Diffusion, from open_clip's bundled BPE merges."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+        )
+        if directory is not None:
+            tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Stable Diffusion, built offline
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """Sizes of a small SD-shaped model: the VAE downsamples x4 (64 px -> 16x16 latents); cross-attention at
+    16x16 and 8x8 plus the mid block, with SD's module names."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_heads: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    sample_size: int = 16
+
+
+def tiny_unet(arch: TinyArch = TinyArch()) -> UNet2DConditionModel:
+    n = len(arch.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=arch.sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=arch.text_width,
+        attention_head_dim=arch.unet_heads,
+        norm_num_groups=8,
+    )
+
+
+def tiny_vae(arch: TinyArch = TinyArch()) -> AutoencoderKL:
+    n = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=arch.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=arch.sample_size * 2 ** (n - 1),
+    )
+
+
+def tiny_text_encoder(arch: TinyArch = TinyArch()) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=arch.text_width,
+            intermediate_size=arch.text_width * 2,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
+            max_position_embeddings=77,
+            projection_dim=arch.text_width,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_model(directory: str | Path, seed: int = 0, arch: TinyArch = TinyArch()) -> Path:
+    """Write a complete random-weight SD pipeline (diffusers format) that `from_pretrained` loads."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(arch),
+        text_encoder=tiny_text_encoder(arch),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet(arch),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    """Random-weight UNet of the real SD 1.5 architecture (same FLOPs and memory as the released weights)."""
+    return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+
+
+def sd15_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def sd15_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+
+
+def build_sd15_model(directory: str | Path, seed: int = 0) -> Path:
+    """A random-weight SD 1.5-architecture pipeline folder, for throughput and memory benchmarks."""
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=sd15_vae(),
+        text_encoder=sd15_text_encoder(),
+        tokenizer=clip_tokenizer(),
+        unet=sd15_unet(),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)

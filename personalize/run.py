@@ -1,0 +1,130 @@
+"""Everything one (concept, method) run builds once: models on the device, placeholders, cached data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from personalize.config import RunSpec, StageSpec
+from personalize.data import Batcher, LatentBank, instance_bank, prior_bank
+from personalize.images import load_concept_images
+from personalize.losses import combined_needs
+from personalize.models import SDComponents, load_components
+from personalize.errors import ConfigError
+from personalize.params import SelectorError, select
+from personalize.priors import class_prior_images
+from personalize.prompts import context_set_for, load_prompt_set, templates
+from personalize.record import Needs
+from personalize.tokens import Placeholders, add_placeholders, single_token_id, word_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    spec: RunSpec
+    components: SDComponents
+    placeholders: Placeholders
+    class_ids: list[int | None]
+    instances: LatentBank
+    batcher: Batcher
+    context_templates: list[str] | None
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    prior_folder: Path | None
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        return {"unet": self.components.unet, "text_encoder": self.components.text_encoder}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.run_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. 'auto' is bf16 on a GPU that has it, fp32 on the CPU."""
+    if mixed_precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def all_stages(spec: RunSpec) -> list[StageSpec]:
+    return spec.method.stages + ([spec.method.test_time] if spec.method.test_time else [])
+
+
+def method_needs(spec: RunSpec) -> Needs:
+    needs = Needs()
+    for stage in all_stages(spec):
+        needs = needs.merge(combined_needs(stage.losses))
+    return needs
+
+
+def _place_models(components: SDComponents, spec: RunSpec, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Frozen modules in the compute dtype; a model any stage trains stays fp32 (its frozen part included,
+    so that stage changes nothing it does not train)."""
+    low = dtype or torch.float32
+    trained = {sel.split(".")[0] for stage in spec.method.stages for sel in stage.trainable}
+    targets = {
+        components.vae: low,
+        components.unet: torch.float32 if "unet" in trained else low,
+        components.text_encoder: torch.float32 if "text_encoder" in trained else low,
+    }
+    for module, module_dtype in targets.items():
+        module.to(device)
+        if next(module.parameters()).dtype != module_dtype:
+            module.to(module_dtype)
+        module.eval()
+
+
+def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress: bool = True) -> RunContext:
+    """Load and validate everything a run needs. Bad concept input raises ConceptError naming the concept."""
+    concept, method = spec.concept, spec.method
+    images = load_concept_images(concept.id, concept.images, spec.resolution)
+    components = components or load_components(spec.model)
+    tokenizer = components.tokenizer
+    needs = method_needs(spec)
+    class_ids = [
+        single_token_id(tokenizer, s.super_category, concept.id) if needs.single_token_class else word_ids(tokenizer, s.super_category)[0]
+        for s in concept.subjects
+    ]
+    device = resolve_device(spec.device)
+    dtype = resolve_precision(spec.mixed_precision, device)
+    _place_models(components, spec, device, dtype)
+
+    prior_pairs, prior_folder = None, None
+    if any(s.use_class_prior for s in method.stages):
+        prior_pairs, prior_folder = class_prior_images(
+            components, method.class_prior, concept.super_category, spec.seed, spec.resolution,
+            Path(spec.prior_cache_dir) if spec.prior_cache_dir else None, progress,
+        )
+    placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
+    components.text_encoder.get_input_embeddings().to(device)
+
+    vae_dtype = next(components.vae.parameters()).dtype
+    instances = instance_bank(images, method.augmentation, spec.resolution, spec.latent_variants, components.vae,
+                              spec.seed, device, vae_dtype)
+    priors = prior_bank(prior_pairs, spec.resolution, components.vae, device, vae_dtype) if prior_pairs else None
+    batcher = Batcher(instances, placeholders, templates(method.prompt), priors,
+                      method.class_prior.mode if method.class_prior else "concat")
+    context = None
+    if method.context_prompts:
+        context = [i.template for i in load_prompt_set(context_set_for(method.context_prompts, concept.kind))]
+    for stage in spec.method.stages:  # fail fast on selectors that match nothing
+        try:
+            select({"unet": components.unet, "text_encoder": components.text_encoder}, stage.trainable)
+        except SelectorError as e:
+            raise ConfigError(f"method {method.name}", [f"stages.{stage.name}.trainable: {e}"]) from None
+    return RunContext(spec, components, placeholders, class_ids, instances, batcher, context, device, dtype, prior_folder)

@@ -1,0 +1,80 @@
+"""A run's own records on disk: per-step losses, stage timings, the done marker."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from personalize.config import StageSpec
+
+LOSSES = "losses.csv"
+TIMINGS = "stages.json"
+DONE = "DONE.json"
+
+
+class FileSink:
+    """Writes train/<stage>/<term> values to losses.csv; a resumed run drops rows past its checkpoint first."""
+
+    def __init__(self, run_dir: Path, resume_from_step: int | None = None):
+        self.path = run_dir / LOSSES
+        self.timings_path = run_dir / TIMINGS
+        kept = []
+        if resume_from_step is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) < resume_from_step]
+        self._write(kept, "w")
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        with self.path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "metric", "value"])
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._write([{"step": step, "metric": k, "value": f"{v:.8g}"} for k, v in metrics.items()], "a")
+
+    def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None:
+        timings = read_timings(self.path.parent)
+        timings[stage.name] = {"index": index, "seconds": round(seconds, 3), "steps": stage.steps, "checkpoint": str(checkpoint)}
+        self.timings_path.write_text(json.dumps(timings, indent=1))
+
+
+class MultiSink:
+    def __init__(self, *sinks):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for s in self.sinks:
+            s.log_metrics(metrics, step)
+
+    def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None:
+        for s in self.sinks:
+            s.stage_finished(index, stage, checkpoint, seconds)
+
+
+def read_timings(run_dir: Path) -> dict:
+    path = Path(run_dir) / TIMINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_losses(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / LOSSES
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{"step": int(r["step"]), "metric": r["metric"], "value": float(r["value"])} for r in csv.DictReader(f)]
+
+
+def read_done(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / DONE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_done(run_dir: Path, config_hash: str, outputs: list[str]) -> None:
+    tmp = Path(run_dir) / (DONE + ".tmp")
+    tmp.write_text(json.dumps({"config_hash": config_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "stages": read_timings(run_dir), "outputs": outputs}, indent=1))
+    tmp.rename(Path(run_dir) / DONE)

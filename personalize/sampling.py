@@ -1,0 +1,112 @@
+"""Image generation: pipelines rebuilt from components, deterministic (prompt x seed) grids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+def build_pipeline(components, scheduler: str = "ddim") -> StableDiffusionPipeline:
+    """A pipeline over the given (possibly personalised) modules; nothing is copied."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(SCHEDULERS)}")
+    sched = SCHEDULERS[scheduler].from_config(components.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], resolution: int,
+             steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8, eta: float = 0.0,
+             progress: bool = False) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed only,
+    so a picture does not depend on what else is in its batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must pair up")
+    device = pipe.unet.device
+    images: list[Image.Image] = []
+    chunks = range(0, len(prompts), batch_size)
+    for start in tqdm(chunks, desc="sampling", disable=not progress, leave=False):
+        p = list(prompts[start : start + batch_size])
+        s = list(seeds[start : start + batch_size])
+        gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
+        shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, pipe.unet.dtype)
+        kwargs = {"eta": eta} if isinstance(pipe.scheduler, DDIMScheduler) else {}
+        with _autocast_if_mixed(pipe):
+            out = pipe(p, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       latents=latents, output_type="pil", **kwargs)
+        images += out.images
+    return images
+
+
+def _autocast_if_mixed(pipe):
+    """Modules kept in different dtypes (trained fp32 UNet, bf16 VAE) run under autocast."""
+    import contextlib
+
+    low = {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} - {torch.float32}
+    if not low:
+        return contextlib.nullcontext()
+    return torch.autocast(pipe.unet.device.type, dtype=low.pop())
+
+
+def subject_phrase(method, placeholders) -> str:
+    """How the subject is named at inference, the way the method trained it: '[V]', '[V] dog' or
+    '[V1] cat and [V2] dog'."""
+    from personalize.prompts import templates
+
+    first = templates(method.prompt)[0]
+    if "{subjects}" in first:
+        return placeholders.fill("{subjects}")
+    if "{super_category}" in first:
+        return placeholders.fill("{placeholder} {super_category}")
+    return placeholders.strings[0]
+
+
+def write_sample_grid(ctx, path) -> None:
+    """The run's small grid: one row per sample prompt, one column per seed."""
+    spec = ctx.spec.samples
+    subject = subject_phrase(ctx.spec.method, ctx.placeholders)
+    prompts = [p.replace("{subject}", subject) for p in spec.prompts]
+    pipe = build_pipeline(ctx.components, spec.scheduler)
+    pairs = [(p, s) for p in prompts for s in spec.seeds]
+    images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], ctx.spec.resolution, spec.steps, spec.guidance_scale)
+    image_grid(images, len(spec.seeds), prompts).save(path)
+
+
+def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] | None = None) -> Image.Image:
+    """Images in a grid, row-major; optional row labels drawn above each row."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    label_h = 12 if labels else 0
+    grid = Image.new("RGB", (columns * w, rows * (h + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(image, (c * w, r * (h + label_h) + label_h))
+        if labels and c == 0 and r < len(labels):
+            draw.text((2, r * (h + label_h)), labels[r][: max(8, columns * w // 6)], fill=(0, 0, 0))
+    return grid
+
+
+def to_array(images: Sequence[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i, dtype=np.uint8) for i in images])

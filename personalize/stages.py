@@ -1,0 +1,254 @@
+"""The one training loop. A method is an ordered list of stages; nothing here names a method.
+
+Each stage: select what trains (everything else frozen), a fresh AdamW, its loss terms summed with
+weights and logged one by one; a checkpoint at its end (and every K steps), so a resumed run
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from personalize import checkpoint as ckpt
+from personalize.attention import CaptureSpec, attention_hooks
+from personalize.config import RunSpec, StageSpec
+from personalize.data import generator
+from personalize.errors import RunStateError
+from personalize.losses import LOSS_TERMS, combined_needs
+from personalize.params import select, set_trainable
+from personalize.run import RunContext
+from personalize.step import StepEngine
+
+
+class Sink(Protocol):
+    """Where a run reports: local files, Ray Train, MLflow. Metrics are named train/<stage>/<term>."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None: ...
+
+
+class NullSink:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    seconds: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by the test-only PERSONALIZE_INJECT_FAULT setting."""
+
+
+def maybe_inject_fault(stage: str, step: int) -> None:
+    """PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file> raises once at that step (tests of recovery)."""
+    setting = os.environ.get("PERSONALIZE_INJECT_FAULT")
+    if not setting:
+        return
+    name, at, marker = setting.split(":", 2)
+    if name == stage and int(at) == step and not Path(marker).exists():
+        Path(marker).write_text("fault injected\n")
+        raise InjectedFault(f"injected fault at {stage} step {step}")
+
+
+def lr_at(stage: StageSpec, step: int) -> float:
+    """Constant learning rate with optional linear warmup."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    return stage.lr
+
+
+def make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=stage.lr, betas=stage.adam_betas, eps=stage.adam_eps,
+                             weight_decay=stage.weight_decay, fused=fused or None)
+
+
+class NormLock:
+    """Embedding rescaling (CoRe Eq. 6, official schedule): after update `start` record each placeholder row's
+    norm; after updates start+1 .. end rescale the row back to it. Outside that window the norm is free."""
+
+    def __init__(self, stage: StageSpec, state: dict):
+        self.window = stage.embedding_norm_lock
+        self.norms = torch.tensor(state["norms"]) if "norms" in state else None
+
+    def after_update(self, rows: torch.nn.Parameter, step: int) -> None:
+        if self.window is None:
+            return
+        with torch.no_grad():
+            if step == self.window.start:
+                self.norms = rows.norm(dim=-1).detach().cpu()
+            elif self.window.start < step <= self.window.end and self.norms is not None:
+                target = self.norms.to(rows.device)
+                rows.mul_((target / rows.norm(dim=-1)).unsqueeze(-1))
+
+    def state(self) -> dict:
+        return {"norms": self.norms.tolist()} if self.norms is not None else {}
+
+
+def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,
+              global_step: int, progress: bool = True) -> StageResult:
+    spec = ctx.spec
+    trainable = set_trainable(ctx.models, stage.trainable)
+    names = list(trainable)
+    optimizer = make_optimizer(list(trainable.values()), stage)
+    start = 0
+    stage_state: dict = {}
+    if resume is not None and resume.cursor.stage_index == index and resume.optimizer is not None:
+        ckpt.restore_optimizer(optimizer, names, resume.optimizer)
+        start, stage_state = resume.cursor.step, resume.cursor.stage_state
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
+    lock = NormLock(stage, stage_state)
+    rows = trainable.get("text_encoder.text_model.embeddings.token_embedding.rows")
+    terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
+    needs = combined_needs(stage.losses)
+    capture = _union(needs.capture, needs.context_capture)
+    prompt_override = [stage.prompt] if isinstance(stage.prompt, str) else stage.prompt
+
+    began = time.perf_counter()
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, stage.steps), desc=f"{spec.concept.id}/{spec.method.name}: {stage.name}", disable=not progress,
+               initial=start, total=stage.steps, leave=False)
+    with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store:
+        engine = StepEngine(ctx, needs, store, prompt_override)
+        for step in bar:
+            maybe_inject_fault(stage.name, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(stage, step)
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}
+            for micro in range(stage.grad_accum):
+                gen = generator(spec.seed, "step", index, step, micro)
+                record = engine.record(ctx.batcher.draw(stage.batch_size, gen, stage.use_class_prior), gen)
+                values = {name: term.fn(record, params) for name, (term, params, _) in terms.items()}
+                loss = sum(weight * values[name] for name, (_, _, weight) in terms.items())
+                scaler.scale(loss / stage.grad_accum).backward()
+                for name, v in values.items():
+                    totals[name] = totals.get(name, 0.0) + float(v.detach()) / stage.grad_accum
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / stage.grad_accum
+            if stage.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable.values(), stage.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if rows is not None:
+                lock.after_update(rows, step + 1)
+            if not all(math.isfinite(v) for v in totals.values()):
+                raise FloatingPointError(f"stage {stage.name} step {step}: non-finite loss {totals}")
+            last = totals
+            sink.log_metrics({f"train/{stage.name}/{k}": v for k, v in totals.items()}, global_step + step)
+            bar.set_postfix(loss=f"{totals['loss']:.4f}")
+            done = step + 1
+            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps:
+                cursor = ckpt.Cursor(index, done, spec.config_hash(), spec.seed, lock.state())
+                ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, cursor, learned_state(ctx, index),
+                          ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
+    for p in trainable.values():
+        p.requires_grad_(False)
+    return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)
+
+
+def _union(a: CaptureSpec | None, b: CaptureSpec | None) -> CaptureSpec | None:
+    return b if a is None else a.merge(b)
+
+
+def learned_state(ctx: RunContext, upto: int) -> dict[str, torch.Tensor]:
+    """Every parameter trained by stages 0..upto, as it is now (the frozen base is never saved)."""
+    selectors = sorted({sel for stage in ctx.spec.method.stages[: upto + 1] for sel in stage.trainable})
+    return {k: v.detach() for k, v in select(ctx.models, selectors).items()}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | skipped
+    stages: list[StageResult]
+    outputs: list[str]
+
+
+def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progress: bool = True,
+               on_stage_end=None, resume: bool = True) -> RunResult:
+    """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
+    part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten)."""
+    from personalize import export, runlog
+    from personalize.run import prepare_run
+    from personalize.sampling import write_sample_grid
+
+    run_dir = spec.run_dir
+    config_hash = spec.config_hash()
+    done = runlog.read_done(run_dir)
+    if done is not None:
+        _check_owner(run_dir, done["config_hash"], config_hash)
+        return RunResult(run_dir, "skipped", [], done.get("outputs", []))
+    checkpoint = ckpt.latest(run_dir)
+    if checkpoint is not None:
+        _check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
+        if not resume:
+            raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
+    ctx = prepare_run(spec, components, progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.resolved.json").write_text(spec.model_dump_json(indent=1))
+    stages = spec.method.stages
+    offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
+    start_stage, first_step = 0, None
+    if checkpoint is not None:
+        ckpt.apply_learned(ctx.models, checkpoint.learned)
+        start_stage = checkpoint.cursor.stage_index
+        first_step = offsets[start_stage] + checkpoint.cursor.step if start_stage < len(stages) else sum(s.steps for s in stages)
+    sink = runlog.MultiSink(runlog.FileSink(run_dir, first_step), sink)
+
+    results = []
+    for index in range(start_stage, len(stages)):
+        stage = stages[index]
+        result = run_stage(ctx, index, stage, sink, checkpoint, offsets[index], progress)
+        path = ckpt.save(ckpt.stage_dir(run_dir, index, stage.name),
+                         ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
+        ckpt.discard_latest(run_dir)
+        sink.stage_finished(index, stage, path, result.seconds)
+        if on_stage_end is not None:
+            on_stage_end(ctx, index, stage)
+        results.append(result)
+
+    outputs = _write_outputs(ctx, export)
+    write_sample_grid(ctx, run_dir / "samples.png")
+    outputs.append("samples.png")
+    runlog.write_done(run_dir, config_hash, outputs)
+    return RunResult(run_dir, "finished", results, outputs)
+
+
+def _check_owner(run_dir: Path, found: str, expected: str) -> None:
+    if found != expected:
+        raise RunStateError(
+            f"{run_dir} holds a run of a different configuration (hash {found}, this one {expected}); "
+            "finished or partial work is never overwritten: choose another output_dir or remove that folder"
+        )
+
+
+def _write_outputs(ctx: RunContext, export) -> list[str]:
+    from personalize.sampling import subject_phrase
+    from personalize.tokens import learned_rows
+
+    run_dir = ctx.run_dir
+    written = export.save_embeddings(run_dir, ctx.spec.concept.id, learned_rows(ctx.components.text_encoder, ctx.placeholders))
+    unet = export.save_unet(run_dir, learned_state(ctx, len(ctx.spec.method.stages) - 1))
+    written += [unet] if unet else []
+    written.append(export.save_placeholders(run_dir, ctx.placeholders, subject_phrase(ctx.spec.method, ctx.placeholders)))
+    ctx.instances.save(run_dir / "instance_latents.safetensors")
+    written.append(run_dir / "instance_latents.safetensors")
+    return [str(Path(p).relative_to(run_dir)) for p in written]

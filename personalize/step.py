@@ -1,0 +1,111 @@
+"""One training step's forward work: noise, text encoding, UNet forwards, attention capture -> StepRecord.
+
+Only what the stage's loss terms declared is computed: no main forward for a regulariser-only stage,
+no capture unless a term reads maps, no context forwards unless a context term is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from personalize.attention import AttentionStore
+from personalize.data import Batch
+from personalize.params import text_side_frozen
+from personalize.record import ContextRecord, Needs, StepRecord
+from personalize.run import RunContext
+from personalize.tokens import context_positions, find_roles, tokenize
+
+
+class StepEngine:
+    def __init__(self, ctx: RunContext, needs: Needs, store: AttentionStore | None, prompt_override: list[str] | None = None):
+        self.ctx = ctx
+        self.needs = needs
+        self.store = store
+        self.prompt_override = prompt_override
+        self.text_cache: dict[str, torch.Tensor] | None = {} if text_side_frozen(ctx.models) else None
+
+    def autocast(self):
+        dtype = self.ctx.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=dtype)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and text-encoder outputs; cached per prompt while the text side is frozen."""
+        comps = self.ctx.components
+        ids = tokenize(comps.tokenizer, prompts)
+        if self.text_cache is None:
+            return ids, comps.text_encoder(ids.to(self.ctx.device))[0]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
+        if missing:
+            with torch.no_grad():
+                out = comps.text_encoder(tokenize(comps.tokenizer, missing).to(self.ctx.device))[0]
+            self.text_cache.update(zip(missing, out))
+        return ids, torch.stack([self.text_cache[p] for p in prompts])
+
+    def unet(self, noisy, timesteps, embeds, capture) -> tuple[torch.Tensor, dict]:
+        if self.store is None or capture is None:
+            return self.ctx.components.unet(noisy, timesteps, embeds).sample, {}
+        with self.store.recording(capture, tuple(noisy.shape[-2:])) as maps:
+            pred = self.ctx.components.unet(noisy, timesteps, embeds).sample
+        return pred, maps
+
+    def record(self, batch: Batch, gen: torch.Generator) -> StepRecord:
+        ctx, comps = self.ctx, self.ctx.components
+        device = ctx.device
+        prompts = self._prompts(batch, gen)
+        latents = batch.latents.to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+        noisy = comps.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.autocast():
+            ids, embeds = self.encode(prompts)
+            rec = StepRecord(
+                timesteps=timesteps,
+                is_prior=batch.is_prior.to(device),
+                tokens=find_roles(ids, ctx.placeholders, ctx.class_ids),
+                loss_mask=batch.masks.to(device) if batch.masks is not None else None,
+            )
+            if self.needs.prediction:
+                rec.model_pred, rec.attention = self.unet(noisy, timesteps, embeds, self.needs.capture)
+                rec.attention_resolution = dict(self.store.resolutions) if self.store else {}
+                rec.target = noise if comps.noise_scheduler.config.prediction_type == "epsilon" else comps.noise_scheduler.get_velocity(latents, noise, timesteps)
+            if self.needs.context:
+                rec.context = self.context(noisy, timesteps, gen)
+        return rec
+
+    def _prompts(self, batch: Batch, gen: torch.Generator) -> list[str]:
+        if not self.prompt_override:
+            return batch.prompts
+        pick = torch.randint(len(self.prompt_override), (len(batch.prompts),), generator=gen).tolist()
+        return [self.ctx.placeholders.fill(self.prompt_override[i]) for i in pick]
+
+    def context(self, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> ContextRecord:
+        """CoRe: a regularisation template filled with [V] and with the super-category; both encoded, and
+        (if needed) both run through the UNet on this step's noisy latents. The reference side has no gradient."""
+        ctx, comps = self.ctx, self.ctx.components
+        pool = self.prompt_override or ctx.context_templates
+        template = pool[int(torch.randint(len(pool), (), generator=gen))].replace("{placeholder}", "{}")
+        target_prompt = template.replace("{}", ctx.placeholders.strings[0])
+        reference_prompt = template.replace("{}", ctx.placeholders.super_categories[0])
+        ids = tokenize(comps.tokenizer, [target_prompt, reference_prompt])
+        roles = find_roles(ids[:1], ctx.placeholders, ctx.class_ids)
+        eos = comps.tokenizer.eos_token_id
+        start = int(roles.placeholder[0, 0])
+        target_keep = context_positions(ids[0], start, roles.placeholder_len, eos)
+        reference_keep = context_positions(ids[1], start, 1, eos)
+        if len(target_keep) != len(reference_keep):
+            raise ValueError(f"context prompts do not align: {target_prompt!r} vs {reference_prompt!r}")
+        target_embeds = comps.text_encoder(ids[:1].to(ctx.device))[0]
+        with torch.no_grad():
+            reference_embeds = comps.text_encoder(ids[1:].to(ctx.device))[0]
+        record = ContextRecord(target_prompt, reference_prompt, target_embeds, reference_embeds,
+                               target_keep.to(ctx.device), reference_keep.to(ctx.device))
+        if self.needs.context_capture is not None:
+            batch = noisy.shape[0]
+            with torch.no_grad():
+                _, record.reference_maps = self.unet(noisy, timesteps, reference_embeds.expand(batch, -1, -1), self.needs.context_capture)
+            _, record.target_maps = self.unet(noisy, timesteps, target_embeds.expand(batch, -1, -1), self.needs.context_capture)
+        return record

@@ -1,0 +1,1 @@
+"""Ray adapters around personalize: batch jobs, Ray Data stages, Ray Train wiring, MLflow, storage."""
