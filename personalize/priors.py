@@ -35,7 +35,7 @@ def model_fingerprint(model_path: Path) -> str:
 def prior_key(fingerprint: str, prompt: str, spec: ClassPriorSpec, seed: int, resolution: int) -> str:
     payload = {
         "model": fingerprint, "prompt": prompt, "count": spec.num_images, "seed": seed, "resolution": resolution,
-        "steps": spec.inference_steps, "guidance": spec.guidance_scale, "scheduler": spec.scheduler,
+        "steps": spec.inference_steps, "guidance": spec.guidance_scale, "scheduler": spec.scheduler, "eta": spec.eta,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -49,10 +49,15 @@ def read_prior_folder(folder: Path) -> list[tuple[Image.Image, str]]:
     return [(Image.open(folder / item["file"]).convert("RGB"), item["caption"]) for item in manifest["images"]]
 
 
-def class_prior_images(components, spec: ClassPriorSpec, super_category: str, seed: int, resolution: int,
+def prior_prompt(spec: ClassPriorSpec, categories: list[str]) -> str:
+    classes = " and ".join(f"a {c}" for c in categories)
+    return spec.prompt.format(super_category=categories[0], classes=classes)
+
+
+def class_prior_images(components, spec: ClassPriorSpec, categories: list[str], seed: int, resolution: int,
                        cache_root: Path | None = None, progress: bool = True) -> tuple[list[tuple[Image.Image, str]], Path]:
     """(image, caption) pairs for the class prior, and the folder they live in."""
-    prompt = spec.prompt.format(super_category=super_category)
+    prompt = prior_prompt(spec, categories)
     if spec.folder:
         return load_captioned_folder(spec.folder, prompt), Path(spec.folder)
     root = Path(cache_root) if cache_root else default_cache_root()
@@ -72,7 +77,7 @@ def generate_prior_folder(components, spec: ClassPriorSpec, prompt: str, seed: i
     pipe = build_pipeline(components, spec.scheduler)
     seeds = [seed * 100_003 + i for i in range(spec.num_images)]
     images = generate(pipe, [prompt] * len(seeds), seeds, resolution, spec.inference_steps, spec.guidance_scale,
-                      progress=progress)
+                      eta=spec.eta, progress=progress)
     items = []
     for i, image in enumerate(images):
         name = f"{i:05d}.png"

@@ -107,7 +107,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
     prior_pairs, prior_folder = None, None
     if any(s.use_class_prior for s in method.stages):
         prior_pairs, prior_folder = class_prior_images(
-            components, method.class_prior, concept.super_category, spec.seed, spec.resolution,
+            components, method.class_prior, [s.super_category for s in concept.subjects], spec.seed, spec.resolution,
             Path(spec.prior_cache_dir) if spec.prior_cache_dir else None, progress,
         )
     placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
