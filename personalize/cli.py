@@ -37,6 +37,14 @@ def cmd_train(args) -> int:
     return 0 if any(o.status in ("finished", "skipped") for o in outcomes) else 1
 
 
+def cmd_draw_concepts(args) -> int:
+    from personalize.synthetic import write_concepts
+
+    manifest = write_concepts(args.directory, photos=args.photos, size=args.size)
+    print(f"concepts drawn; manifest: {manifest}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from personalize.demo import run_demo
 
@@ -61,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.identity.steps=200 seed=3")
     p.add_argument("--resume", action="store_true", help="continue runs that stopped part-way")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("draw-concepts", help="draw synthetic concepts (photos + concepts.yaml) to try the tools")
+    p.add_argument("directory")
+    p.add_argument("--photos", type=int, default=5)
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_draw_concepts)
 
     p = sub.add_parser("demo", help="build a tiny model, draw concepts, train each method briefly, print a table")
     p.add_argument("--output", default="outputs/demo")

@@ -231,6 +231,7 @@ class ExperimentConfig(Strict):
     latent_variants: int = Field(default=8, ge=1)
     prior_cache_dir: str | None = None
     samples: SampleSpec = SampleSpec()
+    steps_scale: float = Field(default=1.0, gt=0)
     overrides: dict[str, Any] = {}
 
 
@@ -417,8 +418,33 @@ def load_experiment(path: str | Path, cli_overrides: list[str] | None = None) ->
     return resolve_runs(experiment, base_dir=path.parent)
 
 
+def scale_steps(method: MethodSpec, scale: float) -> MethodSpec:
+    """Every stage's length (and its warmup and norm-lock window) times `scale`, at least one step: quick trials."""
+    if scale == 1.0:
+        return method
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * scale))
+
+    def stage(s: StageSpec) -> StageSpec:
+        update = {"steps": scaled(s.steps), "warmup_steps": round(s.warmup_steps * scale)}
+        if s.embedding_norm_lock:
+            start = scaled(s.embedding_norm_lock.start)
+            update["embedding_norm_lock"] = NormLockSpec(start=start, end=max(start + 1, scaled(s.embedding_norm_lock.end)))
+        return s.model_copy(update=update)
+
+    return method.model_copy(update={"stages": [stage(s) for s in method.stages]})
+
+
+def resolve_model(model: str, base_dir: Path | None) -> str:
+    """A model given as a relative path (./x, ../x) is relative to the experiment file; hub ids and uris stay."""
+    if base_dir is not None and model.startswith(("./", "../")):
+        return str((base_dir / model).resolve())
+    return str(Path(model).expanduser()) if model.startswith("~") else model
+
+
 def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> list[RunSpec]:
-    method = load_method(experiment.method, experiment.overrides)
+    method = scale_steps(load_method(experiment.method, experiment.overrides), experiment.steps_scale)
     concepts = experiment.concepts
     if isinstance(concepts, str):
         concepts = load_manifest(_relative(concepts, base_dir))
@@ -428,10 +454,10 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
             concept = concept.model_copy(update={"images": str(_relative(concept.images, base_dir))})
         runs.append(
             RunSpec(
-                model=experiment.model,
+                model=resolve_model(experiment.model, base_dir),
                 method=method,
                 concept=concept,
-                **experiment.model_dump(exclude={"model", "method", "concepts", "overrides"}),
+                **experiment.model_dump(exclude={"model", "method", "concepts", "overrides", "steps_scale"}),
             )
         )
     return runs

@@ -26,6 +26,7 @@ from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.params import select, set_trainable
 from personalize.run import RunContext
 from personalize.step import StepEngine
+from personalize.tokens import placeholder_embedding
 
 
 class Sink(Protocol):
@@ -115,7 +116,8 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
         start, stage_state = resume.cursor.step, resume.cursor.stage_state
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     lock = NormLock(stage, stage_state)
-    rows = trainable.get("text_encoder.text_model.embeddings.token_embedding.rows")
+    embedding = placeholder_embedding(ctx.components.text_encoder)
+    rows = embedding.rows if embedding is not None and embedding.rows.requires_grad else None
     terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
     needs = combined_needs(stage.losses)
     capture = _union(needs.capture, needs.context_capture)

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny SD model built offline, concept images drawn by the tests, quick run specs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from personalize.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def draw_concept(folder: Path, n: int = 4, size: int = 80, colour=(200, 40, 180), seed: int = 0) -> Path:
+    """A patterned blob on shifting backgrounds, n photos."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        bg = tuple(rng.randrange(40, 220) for _ in range(3))
+        im = Image.new("RGB", (size + 8 * i, size), bg)
+        d = ImageDraw.Draw(im)
+        x, y = rng.randrange(5, 20), rng.randrange(5, 20)
+        d.ellipse((x, y, x + 50, y + 50), fill=colour)
+        d.line((x, y, x + 50, y + 50), fill=(255, 255, 0), width=4)
+        im.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def concept_dir(tmp_path) -> Path:
+    return draw_concept(tmp_path / "images")
+
+
+@pytest.fixture
+def pair_dir(tmp_path) -> Path:
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    im = Image.new("RGB", (96, 96), (40, 120, 80))
+    d = ImageDraw.Draw(im)
+    d.ellipse((5, 20, 45, 60), fill=(200, 30, 200))
+    d.rectangle((55, 30, 90, 70), fill=(250, 200, 0))
+    im.save(folder / "0.png")
+    return folder
+
+
+QUICK = {"steps": 2, "batch_size": 2, "grad_accum": 1}
+
+
+def quick_spec(method: str, model: Path, images: Path, out: Path, *, concept: dict | None = None,
+               stage_overrides: dict | None = None, **experiment):
+    """A RunSpec of `method` shortened for tests: every stage 2 steps at batch 2 (unless overridden)."""
+    from personalize.config import ConceptSpec, ExperimentConfig, load_method, resolve_runs
+
+    overrides = {}
+    for stage in load_method(method).stages:
+        for key, value in {**QUICK, **(stage_overrides or {})}.items():
+            overrides[f"stages.{stage.name}.{key}"] = value
+    if method in ("dreambooth", "custom_diffusion", "disendiff"):
+        overrides.update({"class_prior.num_images": 2, "class_prior.inference_steps": 2})
+    concept = concept or {"id": "blob", "images": str(images), "super_category": "toy"}
+    fields = dict(model=str(model), method=method, concepts=[ConceptSpec(**concept)], output_dir=str(out),
+                  resolution=64, latent_variants=2, prior_cache_dir=str(out / "priors"),
+                  samples={"prompts": ["a photo of a {subject}"], "seeds": [0], "steps": 2}, overrides=overrides)
+    fields.update(experiment)
+    return resolve_runs(ExperimentConfig(**fields))[0]
+
+
+@pytest.fixture
+def spec_for(tiny_model, concept_dir, pair_dir, tmp_path):
+    def make(method: str, **kwargs):
+        if method == "disendiff" and "concept" not in kwargs:
+            kwargs["concept"] = {"id": "pair", "images": str(pair_dir),
+                                 "subjects": [{"super_category": "cat"}, {"super_category": "dog"}]}
+        return quick_spec(method, tiny_model, concept_dir, tmp_path / "out", **kwargs)
+
+    return make
