@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ class CaptureSpec:
     name_pattern: str = r"attn2"
     resolutions: tuple[int, ...] | None = None
 
-    def merge(self, other: "CaptureSpec | None") -> "CaptureSpec":
+    def merge(self, other: CaptureSpec | None) -> CaptureSpec:
         if other is None:
             return self
         if self.resolutions is None or other.resolutions is None:
@@ -79,6 +79,30 @@ class AttentionStore:
         finally:
             out.update(self.take())
             self.spec = None
+
+
+class MapAccumulator(AttentionStore):
+    """Sums head-averaged maps over many forwards (a whole sampling run) instead of keeping the last one.
+
+    With classifier-free guidance only the conditional half of each batch is kept (`conditional_half`).
+    """
+
+    def __init__(self, spec: CaptureSpec, conditional_half: bool = True):
+        super().__init__(spec)
+        self.conditional_half = conditional_half
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def put(self, name: str, probs: torch.Tensor) -> None:
+        if self.conditional_half:
+            probs = probs[probs.shape[0] // 2 :]
+        mean = probs.detach().float().mean(1)  # (B, Q, K)
+        self.sums[name] = self.sums.get(name, 0) + mean
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.resolutions[name] = self.resolution_of(probs.shape[2])
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
 class PersonalizeAttnProcessor:
@@ -144,14 +168,16 @@ def cross_attention_layers(unet) -> list[str]:
 
 @contextmanager
 def attention_hooks(
-    unet, capture: CaptureSpec | None = None, detach_start_token: bool = False
+    unet, capture: CaptureSpec | None = None, detach_start_token: bool = False, store: AttentionStore | None = None
 ) -> Iterator[AttentionStore | None]:
-    """Install capturing / detaching processors on the selected cross-attention layers; restore on exit."""
+    """Install capturing / detaching processors on the selected cross-attention layers; restore on exit.
+    A given `store` (e.g. a MapAccumulator) is used instead of a fresh AttentionStore."""
     original = unet.attn_processors
     if capture is None and not detach_start_token:
         yield None
         return
-    store = AttentionStore(capture) if capture is not None else None
+    if store is None and capture is not None:
+        store = AttentionStore(capture)
     pattern = re.compile(capture.name_pattern) if capture is not None else None
     processors = {}
     for name, proc in original.items():

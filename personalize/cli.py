@@ -45,6 +45,30 @@ def cmd_draw_concepts(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from personalize.sampling import LoadedRun, generate, image_grid
+
+    run = LoadedRun(args.run, device=args.device)
+    out = Path(args.out or Path(args.run) / "generated")
+    out.mkdir(parents=True, exist_ok=True)
+    for index, template in enumerate(args.prompt):
+        if args.tto:
+            from safetensors.torch import save_file
+
+            from personalize.tto import optimize_for_prompt
+
+            rows = optimize_for_prompt(run, template, steps=args.tto_steps)
+            save_file({"rows": rows.cpu()}, str(out / f"prompt{index:02d}.tto.safetensors"), metadata={"prompt": template})
+        prompt = run.fill(template)
+        images = generate(run.pipeline(args.scheduler), [prompt] * len(args.seeds), args.seeds, run.spec.resolution,
+                          args.steps, args.guidance)
+        for seed, image in zip(args.seeds, images):
+            image.save(out / f"prompt{index:02d}-seed{seed}.png")
+        image_grid(images, len(images), [prompt]).save(out / f"prompt{index:02d}-grid.png")
+        print(f"{prompt!r}: {len(images)} images in {out}" + (" (after test-time optimisation)" if args.tto else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from personalize.demo import run_demo
 
@@ -70,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs that stopped part-way")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sample", help="generate from a finished run, optionally after test-time optimisation")
+    p.add_argument("run", help="a run folder (<output_dir>/<concept>/<method>)")
+    p.add_argument("--prompt", action="append", required=True, help="'{}' marks the subject; repeat for several")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="dpm")
+    p.add_argument("--tto", action="store_true", help="CoRe test-time optimisation of the placeholder for each prompt")
+    p.add_argument("--tto-steps", type=int, default=None, help="default: the method's (CoRe: 10)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="default: RUN/generated")
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("draw-concepts", help="draw synthetic concepts (photos + concepts.yaml) to try the tools")
     p.add_argument("directory")
     p.add_argument("--photos", type=int, default=5)
@@ -83,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars only: the libraries' per-load bars and cast warnings are noise here."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "diffusers", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         return args.func(args)
     except PersonalizeError as e:

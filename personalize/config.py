@@ -50,7 +50,7 @@ class NormLockSpec(Strict):
     end: int
 
     @model_validator(mode="after")
-    def _ordered(self) -> "NormLockSpec":
+    def _ordered(self) -> NormLockSpec:
         if self.end <= self.start:
             raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
         return self
@@ -88,7 +88,7 @@ class StageSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _known_losses(self) -> "StageSpec":
+    def _known_losses(self) -> StageSpec:
         from personalize.losses import validate_loss_params
 
         for term, spec in self.losses.items():
@@ -146,7 +146,7 @@ class MethodSpec(Strict):
     test_time: StageSpec | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "MethodSpec":
+    def _consistent(self) -> MethodSpec:
         names = [s.name for s in self.stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -197,7 +197,7 @@ class ConceptSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _subjects(self) -> "ConceptSpec":
+    def _subjects(self) -> ConceptSpec:
         if self.subjects is None:
             if not self.super_category:
                 raise ValueError("give super_category (one subject) or subjects (several subjects in one image)")
@@ -215,6 +215,7 @@ class SampleSpec(Strict):
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = 7.5
     scheduler: Literal["ddim", "dpm"] = "ddim"
+    heatmaps: bool = True  # attention heat maps of the subject tokens after every stage
 
 
 class ExperimentConfig(Strict):

@@ -53,7 +53,7 @@ class LatentBank:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: Path) -> "LatentBank":
+    def load(cls, path: Path) -> LatentBank:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:

@@ -6,8 +6,9 @@ regularisers implement both (`variant: official | paper`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -187,8 +188,8 @@ def core_context_attention(rec: StepRecord, p: CoreParams) -> torch.Tensor:
             )
             total = total + (diff**2).mean(1).sum()
         return total / len(layers)
-    target = torch.stack([_token_means(ctx.target_maps[l], ctx.target_keep) for l in layers]).mean(0)
-    reference = torch.stack([_token_means(ctx.reference_maps[l], ctx.reference_keep) for l in layers]).mean(0)
+    target = torch.stack([_token_means(ctx.target_maps[name], ctx.target_keep) for name in layers]).mean(0)
+    reference = torch.stack([_token_means(ctx.reference_maps[name], ctx.reference_keep) for name in layers]).mean(0)
     return ((target - reference) ** 2).mean()
 
 
@@ -250,7 +251,7 @@ def disendiff_maps(rec: StepRecord, p: DisenDiffParams) -> tuple[torch.Tensor, t
     samples = ((mods >= 0).all(1) & (classes >= 0).all(1)).nonzero().flatten()
     if samples.numel() == 0:
         return None
-    avg = torch.stack([rec.attention[l].float() for l in layers]).mean(dim=(0, 2))  # (B, Q, K)
+    avg = torch.stack([rec.attention[name].float() for name in layers]).mean(dim=(0, 2))  # (B, Q, K)
     h = w = p.resolution
     kernel = gaussian_kernel(p.kernel_size, p.sigma)
 

@@ -21,7 +21,7 @@ class Needs:
     context_capture: CaptureSpec | None = None  # UNet forwards on the pair, with attention maps
     single_token_class: bool = False  # the super-category must be one CLIP token
 
-    def merge(self, other: "Needs") -> "Needs":
+    def merge(self, other: Needs) -> Needs:
         def both(a, b):
             return b if a is None else a.merge(b)
 

@@ -11,15 +11,16 @@ from torch import nn
 
 from personalize.config import RunSpec, StageSpec
 from personalize.data import Batcher, LatentBank, instance_bank, prior_bank
+from personalize.errors import ConceptError, ConfigError
 from personalize.images import load_concept_images
 from personalize.losses import combined_needs
 from personalize.models import SDComponents, load_components
-from personalize.errors import ConfigError
 from personalize.params import SelectorError, select
 from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.record import Needs
-from personalize.tokens import Placeholders, add_placeholders, single_token_id, word_ids
+from personalize.sampling import subject_phrase
+from personalize.tokens import Placeholders, add_placeholders, find_roles, single_token_id, tokenize, word_ids
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class RunContext:
     device: torch.device
     autocast_dtype: torch.dtype | None
     prior_folder: Path | None
+    subject: str  # how prompts name the subject: "[V]", "[V] dog" or "[V1] cat and [V2] dog"
 
     @property
     def models(self) -> dict[str, nn.Module]:
@@ -127,4 +129,19 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
             select({"unet": components.unet, "text_encoder": components.text_encoder}, stage.trainable)
         except SelectorError as e:
             raise ConfigError(f"method {method.name}", [f"stages.{stage.name}.trainable: {e}"]) from None
-    return RunContext(spec, components, placeholders, class_ids, instances, batcher, context, device, dtype, prior_folder)
+    check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs)
+    return RunContext(spec, components, placeholders, class_ids, instances, batcher, context, device, dtype, prior_folder,
+                      subject_phrase(method, placeholders))
+
+
+def check_class_after_placeholder(spec: RunSpec, tokenizer, placeholders: Placeholders, class_ids: list[int | None],
+                                  needs: Needs) -> None:
+    """Methods that read the class token's attention need it right after each placeholder in every training prompt."""
+    if needs.capture is None or not needs.single_token_class:
+        return
+    for template in templates(spec.method.prompt):
+        roles = find_roles(tokenize(tokenizer, [placeholders.fill(template)]), placeholders, class_ids)
+        missing = [placeholders.strings[j] for j in range(len(class_ids)) if int(roles.super_category[0, j]) < 0]
+        if missing:
+            raise ConceptError(spec.concept.id, f"training prompt {placeholders.fill(template)!r} has no class word right "
+                               f"after {missing}", "name each subject as '<placeholder> <class>' in the method's prompt")

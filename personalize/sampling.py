@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -110,3 +110,50 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
 
 def to_array(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(i, dtype=np.uint8) for i in images])
+
+
+# --------------------------------------------------------------------------------------------
+# Personalised pipelines rebuilt from a run folder
+
+
+class LoadedRun:
+    """A finished run on top of its base model: placeholder rows and trained UNet modules applied in place."""
+
+    def __init__(self, run_dir, device: str = "auto", components=None):
+        import json
+        from pathlib import Path
+
+        from personalize.config import RunSpec
+        from personalize.errors import RunStateError
+        from personalize.export import PLACEHOLDERS, load_embeddings, load_unet_weights
+        from personalize.models import load_components
+        from personalize.run import resolve_device
+        from personalize.tokens import add_placeholders, restore_rows
+
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "DONE.json").is_file():
+            raise RunStateError(f"{self.run_dir} is not a finished run (no DONE.json); train it first or pass a run folder")
+        self.spec = RunSpec.model_validate_json((self.run_dir / "config.resolved.json").read_text())
+        self.components = components or load_components(self.spec.model)
+        comps = self.components
+        self.placeholders = add_placeholders(comps.tokenizer, comps.text_encoder, self.spec.method.placeholder, self.spec.concept)
+        embeds = load_embeddings(self.run_dir)
+        if self.placeholders.learned:
+            restore_rows(comps.text_encoder, torch.cat([embeds[tokens[0]] for tokens in self.placeholders.tokens]))
+        unet = load_unet_weights(self.run_dir)
+        if unet:
+            missing = set(unet) - set(comps.unet.state_dict())
+            if missing:
+                raise RunStateError(f"{self.run_dir}: UNet weights do not fit the base model (e.g. {sorted(missing)[:2]})")
+            comps.unet.load_state_dict(unet, strict=False)
+        self.subject = json.loads((self.run_dir / PLACEHOLDERS).read_text())["subject"]
+        self.device = resolve_device(device)
+        for module in (comps.unet, comps.vae, comps.text_encoder):
+            module.to(self.device).eval()
+
+    def fill(self, prompt: str) -> str:
+        """`{}` in a prompt stands for the subject, named the way the method trained it."""
+        return prompt.replace("{}", self.subject)
+
+    def pipeline(self, scheduler: str = "ddim") -> StableDiffusionPipeline:
+        return build_pipeline(self.components, scheduler)

@@ -155,7 +155,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                 raise FloatingPointError(f"stage {stage.name} step {step}: non-finite loss {totals}")
             last = totals
             sink.log_metrics({f"train/{stage.name}/{k}": v for k, v in totals.items()}, global_step + step)
-            bar.set_postfix(loss=f"{totals['loss']:.4f}")
+            bar.set_postfix(loss=f"{totals['loss']:.4g}")
             done = step + 1
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps:
                 cursor = ckpt.Cursor(index, done, spec.config_hash(), spec.seed, lock.state())
@@ -189,6 +189,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
     part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten)."""
     from personalize import export, runlog
+    from personalize.heatmaps import write_stage_heatmaps
     from personalize.run import prepare_run
     from personalize.sampling import write_sample_grid
 
@@ -223,6 +224,8 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
                          ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
         ckpt.discard_latest(run_dir)
         sink.stage_finished(index, stage, path, result.seconds)
+        if spec.samples.heatmaps:
+            write_stage_heatmaps(ctx, index, stage.name)
         if on_stage_end is not None:
             on_stage_end(ctx, index, stage)
         results.append(result)

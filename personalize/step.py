@@ -46,7 +46,8 @@ class StepEngine:
         return ids, torch.stack([self.text_cache[p] for p in prompts])
 
     def unet(self, noisy, timesteps, embeds, capture) -> tuple[torch.Tensor, dict]:
-        if self.store is None or capture is None:
+        """A UNet forward recording exactly `capture` (None: nothing, on the fast path) when processors are installed."""
+        if self.store is None:
             return self.ctx.components.unet(noisy, timesteps, embeds).sample, {}
         with self.store.recording(capture, tuple(noisy.shape[-2:])) as maps:
             pred = self.ctx.components.unet(noisy, timesteps, embeds).sample
@@ -83,18 +84,23 @@ class StepEngine:
         return [self.ctx.placeholders.fill(self.prompt_override[i]) for i in pick]
 
     def context(self, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> ContextRecord:
-        """CoRe: a regularisation template filled with [V] and with the super-category; both encoded, and
-        (if needed) both run through the UNet on this step's noisy latents. The reference side has no gradient."""
+        """CoRe: a regularisation template filled with the subject (as the method names it) and with the
+        super-category; both encoded and, if needed, run through the UNet on this step's noisy latents.
+        Context tokens are everything from SOT to EOT except the subject's tokens. The reference side has
+        no gradient."""
         ctx, comps = self.ctx, self.ctx.components
         pool = self.prompt_override or ctx.context_templates
         template = pool[int(torch.randint(len(pool), (), generator=gen))].replace("{placeholder}", "{}")
-        target_prompt = template.replace("{}", ctx.placeholders.strings[0])
+        target_prompt = template.replace("{}", ctx.subject)
         reference_prompt = template.replace("{}", ctx.placeholders.super_categories[0])
         ids = tokenize(comps.tokenizer, [target_prompt, reference_prompt])
         roles = find_roles(ids[:1], ctx.placeholders, ctx.class_ids)
-        eos = comps.tokenizer.eos_token_id
         start = int(roles.placeholder[0, 0])
-        target_keep = context_positions(ids[0], start, roles.placeholder_len, eos)
+        if start < 0:
+            raise ValueError(f"regularisation prompt {target_prompt!r} lost the placeholder (truncated?)")
+        subject_len = roles.placeholder_len + (1 if int(roles.super_category[0, 0]) >= 0 else 0)
+        eos = comps.tokenizer.eos_token_id
+        target_keep = context_positions(ids[0], start, subject_len, eos)
         reference_keep = context_positions(ids[1], start, 1, eos)
         if len(target_keep) != len(reference_keep):
             raise ValueError(f"context prompts do not align: {target_prompt!r} vs {reference_prompt!r}")

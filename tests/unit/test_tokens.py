@@ -8,7 +8,14 @@ import torch
 from personalize.config import ConceptSpec, PlaceholderSpec
 from personalize.errors import ConceptError
 from personalize.models import clip_tokenizer, tiny_text_encoder
-from personalize.tokens import PlaceholderEmbedding, add_placeholders, context_positions, find_roles, learned_rows, tokenize
+from personalize.tokens import (
+    PlaceholderEmbedding,
+    add_placeholders,
+    context_positions,
+    find_roles,
+    learned_rows,
+    tokenize,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,41 @@
+"""Test-time optimisation (CoRe): a few steps of the context regularisers alone on the placeholder embedding,
+for one prompt, before generating. Works on any run that learned a placeholder; UNet and text encoder stay
+untouched. The stage comes from the run's method (`test_time`) or, if it has none, from CoRe's recipe."""
+
+from __future__ import annotations
+
+import torch
+
+from personalize.config import StageSpec, load_method
+from personalize.data import Batcher, LatentBank
+from personalize.errors import ConceptError
+from personalize.run import RunContext, resolve_precision
+from personalize.sampling import LoadedRun
+from personalize.stages import NullSink, run_stage
+from personalize.tokens import placeholder_embedding, single_token_id
+
+
+def test_time_stage(run: LoadedRun, steps: int | None = None) -> StageSpec:
+    stage = run.spec.method.test_time or load_method("core").test_time
+    return stage.model_copy(update={"steps": steps}) if steps else stage
+
+
+def optimize_for_prompt(run: LoadedRun, template: str, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Tune the placeholder rows for `template` ('{}' = the subject) in place; returns the new rows."""
+    spec = run.spec.model_copy(update={"checkpoint_every": 0})
+    if not run.placeholders.learned or placeholder_embedding(run.components.text_encoder) is None:
+        raise ConceptError(spec.concept.id, f"method {spec.method.name} learned no placeholder embedding",
+                           "test-time optimisation needs a run of a method with a learned token")
+    if "{}" not in template:
+        raise ConceptError(spec.concept.id, f"prompt {template!r} has no '{{}}' marking the subject", "write e.g. 'a {} on the beach'")
+    tokenizer = run.components.tokenizer
+    class_ids = [single_token_id(tokenizer, c, spec.concept.id) for c in run.placeholders.super_categories]
+    instances = LatentBank.load(run.run_dir / "instance_latents.safetensors")
+    ctx = RunContext(
+        spec=spec, components=run.components, placeholders=run.placeholders, class_ids=class_ids, instances=instances,
+        batcher=Batcher(instances, run.placeholders, [template]), context_templates=[template], device=run.device,
+        autocast_dtype=resolve_precision(spec.mixed_precision, run.device), prior_folder=None, subject=run.subject,
+    )
+    stage = test_time_stage(run, steps).model_copy(update={"prompt": template})
+    run_stage(ctx, len(spec.method.stages), stage, NullSink(), None, 0, progress)
+    return placeholder_embedding(run.components.text_encoder).rows.detach().clone()
