@@ -448,11 +448,12 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
     method = scale_steps(load_method(experiment.method, experiment.overrides), experiment.steps_scale)
     concepts = experiment.concepts
     if isinstance(concepts, str):
-        concepts = load_manifest(_relative(concepts, base_dir))
+        concepts = load_manifest(_relative(concepts, base_dir))  # image paths relative to the manifest
+    elif base_dir is not None:
+        concepts = [c if "://" in c.images else c.model_copy(update={"images": str(_relative(c.images, base_dir))})
+                    for c in concepts]
     runs = []
     for concept in concepts:
-        if base_dir is not None and "://" not in concept.images:
-            concept = concept.model_copy(update={"images": str(_relative(concept.images, base_dir))})
         runs.append(
             RunSpec(
                 model=resolve_model(experiment.model, base_dir),
@@ -466,7 +467,7 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
 
 def _relative(path: str, base_dir: Path | None) -> Path:
     p = Path(path).expanduser()
-    return p if p.is_absolute() or base_dir is None else (base_dir / p)
+    return p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
 
 
 def load_manifest(path: str | Path) -> list[ConceptSpec]:

@@ -151,3 +151,26 @@ def test_manifest_reports_every_bad_row(tmp_path):
         load_manifest(path)
     text = str(err.value)
     assert "unsafe" in text and "colour" in text and "appears more than once" in text
+
+
+def test_paths_resolve_once_relative_to_the_file_that_names_them(tmp_path):
+    (tmp_path / "data" / "dog").mkdir(parents=True)
+    (tmp_path / "data" / "concepts.yaml").write_text(yaml.safe_dump({"concepts": [{"id": "d", "images": "dog", "super_category": "dog"}]}))
+    (tmp_path / "exp").mkdir()
+    inline = {"id": "c", "images": "../cat", "super_category": "cat"}
+    path = write(tmp_path / "exp", {"model": "../model", "method": "dreambooth", "concepts": "../data/concepts.yaml"})
+    (run,) = load_experiment(path)
+    assert run.concept.images == str(tmp_path / "data" / "dog")
+    assert run.model == str(tmp_path / "model")
+    path = write(tmp_path / "exp", {"model": "org/hub-model", "method": "dreambooth", "concepts": [inline]}, "inline.yaml")
+    (run,) = load_experiment(path)
+    assert run.concept.images == str(tmp_path / "cat") and run.model == "org/hub-model"
+
+
+def test_steps_scale_shortens_every_stage_and_the_norm_lock_window():
+    from personalize.config import scale_steps
+
+    core = scale_steps(load_method("core"), 0.1)
+    assert [s.steps for s in core.stages] == [30, 100]
+    lock = core.stages[0].embedding_norm_lock
+    assert (lock.start, lock.end) == (12, 18)

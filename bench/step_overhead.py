@@ -1,0 +1,154 @@
+"""Per-step time of the staged loop against a plain hand-written diffusers loop doing the same maths.
+
+Both run in this process on the same model, data and batch: Textual Inversion (placeholder rows only,
+text encoder in the graph) and DreamBooth (whole UNet, instance + class-prior batch). The plain loop is
+the minimum: draw cached latents, noise, UNet, MSE, backward, AdamW. Prints the ratio ours / plain
+(target <= 1.05).
+
+    python bench/step_overhead.py                   # tiny model on the CPU
+    python bench/step_overhead.py --arch sd15 --device cuda --resolution 512 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from personalize.config import ConceptSpec, ExperimentConfig, resolve_runs
+from personalize.data import generator
+from personalize.models import build_sd15_model, build_tiny_model, load_components
+from personalize.run import prepare_run
+from personalize.runlog import FileSink
+from personalize.stages import make_optimizer, run_stage
+from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
+from personalize.tokens import tokenize
+
+
+class TimingSink(FileSink):
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir)
+        self.stamps: list[float] = []
+
+    def log_metrics(self, metrics, step):
+        super().log_metrics(metrics, step)
+        self.stamps.append(time.perf_counter())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(ctx, stage, warmup: int) -> float:
+    sink = TimingSink(ctx.run_dir)
+    run_stage(ctx, 0, stage, sink, None, 0, progress=False)
+    gaps = [b - a for a, b in zip(sink.stamps[warmup:], sink.stamps[warmup + 1 :])]
+    return statistics.median(gaps)
+
+
+def plain(ctx, stage, warmup: int) -> float:
+    """The same step written out by hand, no framework: the baseline the ratio is taken against."""
+    comps, device = ctx.components, ctx.device
+    params = [p for p in ctx.models["text_encoder"].parameters() if p.requires_grad] if stage.trainable == ["placeholder"] else []
+    if stage.trainable == ["placeholder"]:
+        params = [comps.text_encoder.get_input_embeddings().rows]
+    else:
+        params = list(comps.unet.parameters())
+    for model in ctx.models.values():
+        model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = make_optimizer(params, stage)
+    bank, priors = ctx.instances, ctx.batcher.priors
+    prompt = ctx.placeholders.fill("a photo of a {placeholder} {super_category}")
+    ids = tokenize(comps.tokenizer, [prompt] * stage.batch_size).to(device)
+    with torch.no_grad():
+        frozen_text = comps.text_encoder(ids)[0] if stage.trainable != ["placeholder"] else None
+        prior_text = comps.text_encoder(tokenize(comps.tokenizer, [priors.captions[0]] * stage.batch_size).to(device))[0] if stage.use_class_prior else None
+    autocast = torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype else contextlib.nullcontext()
+    times = []
+    for step in range(stage.steps):
+        sync(device)
+        began = time.perf_counter()
+        gen = generator("plain", step)
+        latents = bank.sample(torch.randint(len(bank), (stage.batch_size,), generator=gen), gen)
+        text = frozen_text
+        if stage.use_class_prior:
+            latents = torch.cat([latents, priors.sample(torch.randint(len(priors), (stage.batch_size,), generator=gen), gen)])
+        latents = latents.to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=gen).to(device)
+        noisy = comps.noise_scheduler.add_noise(latents, noise, t)
+        with autocast:
+            if text is None:
+                text = comps.text_encoder(ids)[0]
+            if prior_text is not None:
+                text = torch.cat([text, prior_text])
+            pred = comps.unet(noisy, t, text).sample
+            if stage.use_class_prior:
+                a, b = pred.float().chunk(2)
+                n1, n2 = noise.float().chunk(2)
+                loss = F.mse_loss(a, n1) + F.mse_loss(b, n2)
+            else:
+                loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # the staged loop reads every loss value for logging; so does a script that prints it
+        sync(device)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best median of each counts")
+    parser.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    args = parser.parse_args()
+    resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = (build_tiny_model if args.arch == "tiny" else build_sd15_model)(tmp / "model")
+        manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(resolution, 128))
+        rows = []
+        for method, stage_name in (("textual_inversion", "embedding"), ("dreambooth", "finetune")):
+            experiment = ExperimentConfig(
+                model=str(model), method=method, concepts=str(manifest), output_dir=str(tmp / "out"), resolution=resolution,
+                device=args.device, mixed_precision=args.precision, latent_variants=2, prior_cache_dir=str(tmp / "priors"),
+                overrides={f"stages.{stage_name}.steps": args.steps, f"stages.{stage_name}.batch_size": args.batch,
+                           "class_prior.num_images": 4, "class_prior.inference_steps": 2},
+            )
+            spec = resolve_runs(experiment)[0]
+            stage = spec.method.stages[0]
+            timings = {"plain": [], "ours": []}
+            for _ in range(args.rounds):  # interleaved, so drifts of a shared machine hit both alike
+                for label, fn in (("plain", plain), ("ours", ours)):
+                    ctx = prepare_run(spec, load_components(str(model)), progress=False)
+                    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+                    timings[label].append(fn(ctx, stage, args.warmup))
+            base, mine = min(timings["plain"]), min(timings["ours"])
+            rows.append((method, stage_name, base, mine, mine / base))
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    print(f"\nstep time, {args.arch} model, {resolution} px, batch {args.batch}, device {device}: best of {args.rounds} "
+          f"interleaved rounds, each the median of {args.steps - args.warmup} steps")
+    print(f"{'method':20} {'stage':10} {'plain (ms)':>11} {'ours (ms)':>10} {'ratio':>7}")
+    for method, stage_name, base, mine, ratio in rows:
+        print(f"{method:20} {stage_name:10} {base * 1e3:11.2f} {mine * 1e3:10.2f} {ratio:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
