@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from personalize.config import ConceptSpec, ExperimentConfig, resolve_runs
+from personalize.config import ExperimentConfig, resolve_runs
 from personalize.data import generator
 from personalize.models import build_sd15_model, build_tiny_model, load_components
 from personalize.run import prepare_run

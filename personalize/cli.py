@@ -69,6 +69,48 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def find_runs(paths: list[str]) -> list[Path]:
+    """Finished run folders: given directly, or found below the given folders."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "DONE.json").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(d.parent for d in p.rglob("DONE.json") if "eval" not in d.parent.parts)
+    return list(dict.fromkeys(runs))
+
+
+def cmd_evaluate(args) -> int:
+    from personalize.config import EvaluationSpec
+    from personalize.errors import ConfigError
+    from personalize.evaluation import Scorers, evaluate_run
+    from personalize.report import write_comparison
+
+    runs = find_runs(args.runs)
+    if not runs:
+        raise ConfigError("command line", [f"no finished runs (folders with DONE.json) in {args.runs}"])
+    fields = {k: v for k, v in {
+        "prompts": args.prompts, "samples": args.samples, "seed": args.seed, "scheduler": args.scheduler,
+        "steps": args.steps, "guidance_scale": args.guidance, "text_mode": args.text_mode,
+        "exclude_tags": args.exclude_tags, "clip": args.clip, "dino": args.dino}.items() if v is not None}
+    settings = EvaluationSpec(**fields)
+    from personalize.run import resolve_device
+
+    device = resolve_device(args.device)
+    scorers = Scorers(settings.clip, settings.dino, str(device))
+    evaluations = []
+    for run in runs:
+        result = evaluate_run(run, settings, scorers, device=args.device)
+        m = result.metrics
+        print(f"{m['concept']:>16} {m['method']:<18} CLIP-T {m['clip_t']:.4f}  CLIP-I {m['clip_i']:.4f}  "
+              f"DINO {m['dino']:.4f}  ({m['n_images']} images, {m['scale']})  {result.folder / 'report.html'}")
+        evaluations.append(result)
+    if len(evaluations) > 1:
+        out = write_comparison(evaluations, Path(args.out))
+        print(f"comparison: {out['html']} (table {out['markdown']}, scatter {out['scatter']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from personalize.demo import run_demo
 
@@ -107,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: RUN/generated")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("evaluate", help="sample prompt sets from finished runs, score CLIP-T / CLIP-I / DINO, write reports")
+    p.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
+    p.add_argument("--prompts", default=None, help="prompt set (default: dreambooth, object or live by concept kind)")
+    p.add_argument("--samples", type=int, default=None, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--scheduler", choices=["ddim", "dpm"], default=None, help="default: the method's paper protocol")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--text-mode", choices=["remove", "replace"], default=None,
+                   help="CLIP-T prompt: placeholder removed (default) or subject replaced by the class word")
+    p.add_argument("--exclude-tags", nargs="*", default=None, help="prompt tags left out of CLIP-I/DINO, e.g. style outfit")
+    p.add_argument("--clip", default=None, help="open_clip ARCH/TAG or a local folder (default ViT-B-32/openai)")
+    p.add_argument("--dino", default=None, help="transformers ViT id or local folder (default facebook/dino-vits16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="evaluation", help="folder for the comparison of several runs")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("draw-concepts", help="draw synthetic concepts (photos + concepts.yaml) to try the tools")
     p.add_argument("directory")
     p.add_argument("--photos", type=int, default=5)
@@ -133,7 +192,9 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("personalize", "pipelines", "tuning"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "diffusers", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_libraries()

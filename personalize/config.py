@@ -132,6 +132,32 @@ class AttentionSpec(Strict):
     detach_start_token: bool = False
 
 
+class EvalProtocol(Strict):
+    """How the method's paper samples for evaluation."""
+
+    scheduler: Literal["ddim", "dpm"] = "ddim"
+    steps: int = Field(default=50, ge=1)
+    guidance_scale: float = 7.5
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class EvaluationSpec(Strict):
+    """Evaluation of finished runs. Unset sampling fields follow the method's paper protocol."""
+
+    prompts: str = "dreambooth"  # a prompt set; "dreambooth" picks the object or live-subject list by concept kind
+    samples: int = Field(default=4, ge=1)  # images per prompt (seeds seed .. seed + samples - 1)
+    seed: int = 0
+    scheduler: Literal["ddim", "dpm"] | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = None
+    eta: float | None = None
+    text_mode: Literal["remove", "replace"] = "remove"  # CLIP-T prompt: placeholder removed, or subject -> class word
+    exclude_tags: list[str] = []  # prompts with these tags leave the identity metrics (CoRe: style, outfit)
+    clip: str = "ViT-B-32/openai"
+    dino: str = "facebook/dino-vits16"
+    batch_size: int = Field(default=8, ge=1)
+
+
 class MethodSpec(Strict):
     name: str
     paper: str = ""
@@ -142,6 +168,7 @@ class MethodSpec(Strict):
     class_prior: ClassPriorSpec | None = None
     context_prompts: str | None = None
     attention: AttentionSpec = AttentionSpec()
+    evaluation: EvalProtocol = EvalProtocol()
     stages: list[StageSpec] = Field(min_length=1)
     test_time: StageSpec | None = None
 
@@ -259,7 +286,8 @@ class RunSpec(Strict):
 
     def config_hash(self) -> str:
         """Hash of everything that changes the learned result (not where it is written or on what device)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir", "device", "samples"})
+        payload = self.model_dump(mode="json", exclude={"output_dir": True, "device": True, "samples": True,
+                                                        "method": {"evaluation": True}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -36,8 +36,8 @@ def build_pipeline(components, scheduler: str = "ddim") -> StableDiffusionPipeli
 def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], resolution: int,
              steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8, eta: float = 0.0,
              progress: bool = False) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed only,
-    so a picture does not depend on what else is in its batch."""
+    """One image per (prompt, seed) pair, in order. Each image's starting noise comes from its own seed only, so
+    a picture is the same whatever else shares its batch (up to float rounding of batched kernels)."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must pair up")
     device = pipe.unet.device
