@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 # (Re)install whenever the project's requirements change.
 $(STAMP): pyproject.toml
@@ -25,7 +25,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/personalize demo
 
-test: $(STAMP)
+# Headless Chromium for the MLflow UI test (Playwright drives the system browser; nothing is downloaded by it).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "warning: chromium is missing and could not be installed; the browser test will fail"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

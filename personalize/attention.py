@@ -194,10 +194,3 @@ def attention_hooks(
         yield store
     finally:
         unet.set_attn_processor(original)
-
-
-def token_maps(maps: dict[str, torch.Tensor], resolutions: dict[str, tuple[int, int]], resolution: int | None = None) -> dict[str, torch.Tensor]:
-    """Restrict stored maps to one latent resolution (h == resolution)."""
-    if resolution is None:
-        return maps
-    return {k: v for k, v in maps.items() if resolutions[k][0] == resolution}

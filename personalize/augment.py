@@ -5,7 +5,7 @@ dreambooth:       resize short side (bilinear), random crop, no flip            
 attn:             p=0.75 rotation in [-45, 45] (expand), resize short side, h-flip p=0.25, random crop
                   (AttnDreamBooth and CoRe share this dataset class)
 custom_diffusion: centre square crop, h-flip p=0.5, then random rescale: p=2/3 scale in [S/3, S], else
-                  [1.2 S, 1.4 S]; below 0.6 S the image is pasted on a black canvas, the caption gets
+                  [1.2 S, 1.4 S]; below 0.6 S the image is pasted on a mid-grey canvas, the caption gets
                   "a far away " / "very small " and the loss mask is the pasted box shrunk by one latent
                   pixel; above S it is cropped and the caption gets "zoomed in " / "close up "; in between
                   nothing changes (as in the official code).
@@ -78,11 +78,12 @@ def augment(image: Image.Image, preset: str, size: int, vae_scale: int, gen: tor
         image = flip(resize_short_side(image, size), 0.25, gen)
         return Variant(to_tensor(random_crop(image, size, gen)), None)
     if preset == "custom_diffusion":
-        return _random_rescale(flip(center_square(image).resize((size, size), Image.BILINEAR), 0.5, gen), size, vae_scale, gen)
+        return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
     raise ValueError(f"unknown augmentation preset {preset!r}; available: {PRESETS}")
 
 
 def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    """`image` is the square crop; it is resized once (bicubic) to the drawn scale, as the released code does."""
     if _uniform(gen) < 2 / 3:
         scale = _randint(gen, size // 3, size)
     else:
@@ -91,7 +92,7 @@ def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Ge
     latent = size // vae_scale
     if scale < 0.6 * size:
         small = image.resize((scale, scale), Image.BICUBIC)
-        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas = Image.new("RGB", (size, size), (128, 128, 128))  # zeros after scaling to [-1, 1], as released
         half = scale // 2
         cx, cy = _randint(gen, half, size - half), _randint(gen, half, size - half)
         canvas.paste(small, (cx - half, cy - half))
@@ -105,7 +106,7 @@ def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Ge
         zoomed = random_crop(image.resize((scale, scale), Image.BICUBIC), size, gen)
         prefix = "zoomed in " if _uniform(gen) < 0.5 else "close up "
         return Variant(to_tensor(zoomed), None, prefix)
-    return Variant(to_tensor(image), None)
+    return Variant(to_tensor(image.resize((size, size), Image.BICUBIC)), None)
 
 
 def plain(image: Image.Image, size: int) -> Variant:

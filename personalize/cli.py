@@ -10,6 +10,18 @@ from pathlib import Path
 from personalize.errors import PersonalizeError
 
 
+def _batch(argv: list[str]) -> int:
+    from pipelines.batch import main as batch_main
+
+    return batch_main(argv)
+
+
+def _stack(argv: list[str]) -> int:
+    from pipelines.stack import main as stack_main
+
+    return stack_main(argv)
+
+
 def cmd_tiny_model(args) -> int:
     from personalize.models import build_tiny_model
 
@@ -112,15 +124,25 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from personalize.demo import run_demo
+    from pipelines.demo import main as demo_main
 
-    return run_demo(Path(args.output), steps_scale=args.scale)
+    return demo_main(args.output, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description="Staged text-to-image personalization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("batch", help="the concept x method grid on Ray: prepare, train, evaluate, results table",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _batch(args.rest))
+
+    p = sub.add_parser("stack", help="the local stack on 127.0.0.1: SeaweedFS (S3), MLflow server, Ray head",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _stack(args.rest))
 
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion pipeline (diffusers format)")
     p.add_argument("directory")
@@ -172,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.set_defaults(func=cmd_draw_concepts)
 
-    p = sub.add_parser("demo", help="build a tiny model, draw concepts, train each method briefly, print a table")
+    p = sub.add_parser("demo", help="the demo batch on the micro world: draw concepts, train three methods on Ray, "
+                                    "evaluate, print the results table")
     p.add_argument("--output", default="outputs/demo")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the demo's step counts")
+    p.add_argument("overrides", nargs="*", help="batch overrides, e.g. methods=[core] steps_scale=0.5")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -71,7 +71,8 @@ class StageSpec(Strict):
     losses: dict[str, LossSpec] = Field(min_length=1)
     use_class_prior: bool = False
     embedding_norm_lock: NormLockSpec | None = None
-    prompt: str | list[str] | None = None
+    prompt: str | list[str] | None = None  # replaces the method's training prompt(s) in this stage
+    context_prompts: list[str] | None = None  # replaces the regularisation templates (test-time optimisation)
 
     @field_validator("name")
     @classmethod
@@ -93,6 +94,15 @@ class StageSpec(Strict):
 
         for term, spec in self.losses.items():
             validate_loss_params(term, spec.params)
+        lock = self.embedding_norm_lock
+        if lock is not None:
+            if "placeholder" not in self.trainable:
+                raise ValueError("embedding_norm_lock needs the placeholder among the trainable parts")
+            if lock.end > self.steps:
+                raise ValueError(f"embedding_norm_lock.end ({lock.end}) is beyond the stage's {self.steps} steps: "
+                                 "shorten the window too (or use steps_scale, which scales both)")
+        for text in ([self.prompt] if isinstance(self.prompt, str) else self.prompt or []):
+            check_template(text, PROMPT_FIELDS)
         return self
 
 
@@ -174,6 +184,12 @@ class MethodSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MethodSpec:
+        for text in ([self.prompt] if isinstance(self.prompt, str) else self.prompt):
+            if not text.startswith("@"):
+                check_template(text, PROMPT_FIELDS)
+        if self.class_prior is not None:
+            check_template(self.class_prior.prompt, {"super_category", "classes"})
+        check_template(self.placeholder.string, {"concept", "index"})
         names = [s.name for s in self.stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -185,11 +201,21 @@ class MethodSpec(Strict):
             raise ValueError("context regularisers need `context_prompts` (auto, animate, inanimate, universal or a file)")
         return self
 
-    def stage(self, name: str) -> StageSpec:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+
+PROMPT_FIELDS = {"placeholder", "super_category", "subjects", ""}
+
+
+def check_template(text: str, allowed: set[str]) -> None:
+    """A prompt template may only name the fields it will be filled with."""
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"template {text!r} is malformed ({e})") from None
+    unknown = sorted(fields - allowed)
+    if unknown:
+        raise ValueError(f"template {text!r} names unknown fields {unknown}; allowed: {sorted(f for f in allowed if f)}")
 
 
 def _needs_context(stage: StageSpec) -> bool:
@@ -256,8 +282,9 @@ class ExperimentConfig(Strict):
     device: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(default=0, ge=0)
-    latent_variants: int = Field(default=8, ge=1)
+    latent_variants: int = Field(default=16, ge=1)  # augmented copies of each photo, encoded once (see data.py)
     prior_cache_dir: str | None = None
+    latent_cache_dir: str | None = None  # reuse encoded instance latents across runs and batches
     samples: SampleSpec = SampleSpec()
     steps_scale: float = Field(default=1.0, gt=0)
     overrides: dict[str, Any] = {}
@@ -278,6 +305,7 @@ class RunSpec(Strict):
     checkpoint_every: int
     latent_variants: int
     prior_cache_dir: str | None
+    latent_cache_dir: str | None = None
     samples: SampleSpec
 
     @property
@@ -286,8 +314,10 @@ class RunSpec(Strict):
 
     def config_hash(self) -> str:
         """Hash of everything that changes the learned result (not where it is written or on what device)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir": True, "device": True, "samples": True,
-                                                        "method": {"evaluation": True}})
+        payload = self.model_dump(mode="json", exclude={
+            "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
+            "checkpoint_every": True, "gradient_checkpointing": True,
+            "method": {"evaluation": True, "summary": True, "paper": True}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -306,6 +336,9 @@ def format_validation_error(error: ValidationError, data: Any) -> list[str]:
             expected = "no such key (unknown keys are errors)"
         elif e["type"] == "missing":
             problems.append(f"{loc}: missing; this key is required")
+            continue
+        if isinstance(received, (dict, list)):  # a check across several keys: the message names them
+            problems.append(f"{loc}: {expected}")
             continue
         problems.append(f"{loc}: got {_short(received)}; {expected}")
     return problems
@@ -345,7 +378,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError("command line", [f"override {text!r} must look like key.path=value"])
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError("command line", [f"override {text!r}: the value is not valid YAML ({e})"]) from None
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any], source: str) -> dict:
@@ -478,8 +514,7 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
     if isinstance(concepts, str):
         concepts = load_manifest(_relative(concepts, base_dir))  # image paths relative to the manifest
     elif base_dir is not None:
-        concepts = [c if "://" in c.images else c.model_copy(update={"images": str(_relative(c.images, base_dir))})
-                    for c in concepts]
+        concepts = [_resolve_concept(c, base_dir) for c in concepts]
     runs = []
     for concept in concepts:
         runs.append(
@@ -491,6 +526,16 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
             )
         )
     return runs
+
+
+def _resolve_concept(concept: ConceptSpec, base_dir: Path) -> ConceptSpec:
+    """Image and mask folders relative to the file that names them (uris stay as they are)."""
+    update = {}
+    for key in ("images", "masks"):
+        value = getattr(concept, key)
+        if value and "://" not in value:
+            update[key] = str(_relative(value, base_dir))
+    return concept.model_copy(update=update)
 
 
 def _relative(path: str, base_dir: Path | None) -> Path:
@@ -508,7 +553,15 @@ def load_manifest(path: str | Path) -> list[ConceptSpec]:
         rows = read_yaml(path)
         rows = rows.get("concepts", rows) if isinstance(rows, dict) else rows
     elif suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows, bad = [], []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    bad.append(f"line {number}: not valid JSON ({e.msg})")
+        if bad:
+            raise ConfigError(str(path), bad)
     elif suffix == ".csv":
         with path.open(newline="") as f:
             rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(f)]
@@ -520,10 +573,7 @@ def load_manifest(path: str | Path) -> list[ConceptSpec]:
     for i, row in enumerate(rows):
         label = row.get("id", f"[{i}]") if isinstance(row, dict) else f"[{i}]"
         try:
-            concept = ConceptSpec.model_validate(row)
-            if "://" not in concept.images:
-                concept = concept.model_copy(update={"images": str(_relative(concept.images, path.parent))})
-            concepts.append(concept)
+            concepts.append(_resolve_concept(ConceptSpec.model_validate(row), path.parent))
         except ValidationError as e:
             problems += [f"concept {label}: {p}" for p in format_validation_error(e, row)]
     ids = [c.id for c in concepts]

@@ -1,8 +1,10 @@
 """Training data of one run: cached VAE latents of augmented images, and the batches drawn from them.
 
-The few instance images are augmented into a fixed number of variants each and encoded once; the
-posterior mean and std are kept, and every draw samples fresh latent noise, so the training maths is
-that of encoding every step. Class-prior images are cached the same way (one variant each).
+The few instance images are augmented into a fixed number of variants each (`latent_variants`) and encoded
+once; the posterior mean and std are kept and every draw samples fresh latent noise, as encoding every step
+would. The augmentation itself is therefore a fixed set of variants rather than a fresh draw per step (the
+methods' code re-augments every step): more variants come closer, at the cost of encoding them once.
+Class-prior images are cached the same way (one variant each).
 """
 
 from __future__ import annotations
@@ -87,6 +89,29 @@ def instance_bank(images: list[Image.Image], preset: str, size: int, variants_pe
         ones = torch.ones(1, size // vae_scale, size // vae_scale)
         masks = torch.stack([v.mask if v.mask is not None else ones for v in variants])
     return LatentBank(mean, std, [v.caption_prefix for v in variants], masks, vae.config.scaling_factor)
+
+
+def bank_key(model_fingerprint: str, image_files: list[Path], preset: str, size: int, variants: int, seed: int) -> str:
+    """Content key of an instance bank: the model, the images' bytes and the augmentation settings."""
+    h = hashlib.sha256(json.dumps([model_fingerprint, preset, size, variants, seed]).encode())
+    for f in image_files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def cached_instance_bank(cache_dir: Path | None, key: str, build) -> LatentBank:
+    """Load the bank stored under `key`, or build it (and store it, written then renamed into place)."""
+    if cache_dir is None:
+        return build()
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        return LatentBank.load(path)
+    bank = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(bank)}")
+    bank.save(tmp)
+    tmp.rename(path)
+    return bank
 
 
 def prior_bank(pairs: list[tuple[Image.Image, str]], size: int, vae, device: torch.device, dtype: torch.dtype) -> LatentBank:

@@ -149,40 +149,64 @@ class RunEvaluation:
     scored: list[dict]
 
 
-def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers | None = None, device: str = "auto",
-                 progress: bool = True) -> RunEvaluation:
-    """Generate, score and write one run's evaluation under RUN/eval/<prompt set>-<settings key>/ (reused if there)."""
+def read_spec(run_dir: str | Path) -> RunSpec:
+    path = Path(run_dir) / "config.resolved.json"
+    if not (Path(run_dir) / "DONE.json").is_file() or not path.is_file():
+        from personalize.errors import RunStateError
+
+        raise RunStateError(f"{run_dir} is not a finished run (no DONE.json); train it first or pass a run folder")
+    return RunSpec.model_validate_json(path.read_text())
+
+
+def evaluation_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path:
+    return Path(run_dir) / "eval" / f"{settings.prompts}-{settings_key(settings, protocol(spec, settings))}"
+
+
+def finished_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> RunEvaluation | None:
+    folder = evaluation_folder(run_dir, spec, settings)
+    if not (folder / "metrics.json").is_file():
+        return None
+    return RunEvaluation(Path(run_dir), folder, json.loads((folder / "metrics.json").read_text()),
+                         json.loads((folder / "scores.json").read_text()))
+
+
+def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scored: list[dict],
+                     images: list[Image.Image]) -> RunEvaluation:
+    """Images, scores, aggregates and the report, written to a temporary folder renamed into place."""
+    import shutil
+
     from personalize.report import write_run_report
 
-    sampler = RunSampler(run_dir, device)
-    run = sampler.run
-    sampling = protocol(run.spec, settings)
-    folder = run.run_dir / "eval" / f"{settings.prompts}-{settings_key(settings, sampling)}"
-    if (folder / "metrics.json").is_file():
-        metrics = json.loads((folder / "metrics.json").read_text())
-        scored = json.loads((folder / "scores.json").read_text())
-        return RunEvaluation(run.run_dir, folder, metrics, scored)
-    rows = eval_rows(run.spec, run.subject, run.placeholders.strings, settings)
-    images = sampler.generate(rows, sampling, settings.batch_size, progress)
-    scorers = scorers or Scorers(settings.clip, settings.dino, "cpu" if run.device.type == "cpu" else str(run.device))
-    scored = scorers.score(images, rows, scorers.reference(run.spec))
+    folder = evaluation_folder(run_dir, spec, settings)
     tmp = folder.with_name(folder.name + ".tmp")
-    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
     for row, image in zip(scored, images):
         row["image"] = f"images/p{row['prompt_index']:02d}-s{row['seed']}.png"
         image.save(tmp / row["image"])
     metrics = {
         **aggregate(scored, settings.exclude_tags),
-        "run": str(run.run_dir), "concept": run.spec.concept.id, "method": run.spec.method.name,
-        "prompt_set": prompt_set_for(settings.prompts, run.spec.concept.kind), "samples": settings.samples,
+        "run": str(run_dir), "concept": spec.concept.id, "method": spec.method.name,
+        "prompt_set": prompt_set_for(settings.prompts, spec.concept.kind), "samples": settings.samples,
         "text_mode": settings.text_mode, "exclude_tags": settings.exclude_tags, "clip_model": settings.clip,
-        "dino_model": settings.dino, **sampling,
+        "dino_model": settings.dino, **protocol(spec, settings),
     }
-    write_run_report(tmp, run.run_dir, metrics, scored, images)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
+    write_run_report(tmp, Path(run_dir), metrics, scored, images)
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    return RunEvaluation(run.run_dir, folder, metrics, scored)
+    return RunEvaluation(Path(run_dir), folder, metrics, scored)
+
+
+def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers | None = None, device: str = "auto",
+                 progress: bool = True) -> RunEvaluation:
+    """Generate, score and write one run's evaluation under RUN/eval/<prompt set>-<settings key>/ (reused if there)."""
+    done = finished_evaluation(Path(run_dir), read_spec(run_dir), settings)
+    if done is not None:
+        return done
+    sampler = RunSampler(run_dir, device)
+    run = sampler.run
+    rows = eval_rows(run.spec, run.subject, run.placeholders.strings, settings)
+    images = sampler.generate(rows, protocol(run.spec, settings), settings.batch_size, progress)
+    scorers = scorers or Scorers(settings.clip, settings.dino, "cpu" if run.device.type == "cpu" else str(run.device))
+    scored = scorers.score(images, rows, scorers.reference(run.spec))
+    return write_evaluation(run.run_dir, run.spec, settings, scored, images)

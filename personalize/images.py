@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.errors import ConceptError
+from personalize.storage import is_s3, localize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CAPTION_SUFFIXES = {".txt"}
@@ -32,6 +33,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def list_image_files(concept_id: str, folder: str | Path, allow_captions: bool = False) -> list[Path]:
+    if is_s3(folder):
+        try:
+            folder = localize(str(folder))
+        except FileNotFoundError:
+            raise ConceptError(concept_id, f"nothing is stored under {folder}", "upload 3-6 photos there") from None
     folder = Path(folder)
     if not folder.exists():
         raise ConceptError(concept_id, f"image folder {folder} does not exist", "point `images` at a folder of 3-6 photos")
@@ -70,7 +76,7 @@ def load_concept_images(concept_id: str, folder: str | Path, resolution: int) ->
 
 def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Image.Image]:
     """Foreground masks (white = subject), one per image, matched by file stem."""
-    folder = Path(folder)
+    folder = localize(str(folder)) if is_s3(folder) else Path(folder)
     masks = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else {}
     missing = [n for n in names if Path(n).stem not in masks]
     if missing:

@@ -61,9 +61,13 @@ def term_needs(term: str, params: dict[str, Any]) -> Needs:
 # Denoising losses
 
 
-def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per sample; with a mask, the mean over masked-in elements."""
+def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Squared error per sample: the mean over (masked-in) elements, or with `channel_sum` the released
+    Custom Diffusion / DisenDiff reduction: summed over channels, averaged over (masked-in) pixels."""
     err = (pred.float() - target.float()) ** 2
+    if reduction == "channel_sum":
+        err = err.sum(1, keepdim=True)
     if mask is None:
         return err.flatten(1).mean(1)
     mask = mask.expand_as(err)
@@ -73,6 +77,7 @@ def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 class DiffusionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: Literal["instance", "all"] = "instance"
+    reduction: Literal["mean", "channel_sum"] = "mean"
 
 
 @register(
@@ -80,10 +85,11 @@ class DiffusionParams(BaseModel):
     DiffusionParams,
     lambda p: Needs(prediction=True),
     "epsilon/v-prediction MSE; per-sample masked mean (Custom Diffusion's random-rescale mask), then batch mean. "
-    "samples: instance (DreamBooth-style separate prior term) or all (Custom Diffusion's one shared loss).",
+    "samples: instance (DreamBooth-style separate prior term) or all (Custom Diffusion's one shared loss); "
+    "reduction: mean, or channel_sum (the released CD/DisenDiff code: channels summed, C times the mean).",
 )
 def diffusion_loss(rec: StepRecord, p: DiffusionParams) -> torch.Tensor:
-    per_sample = _per_sample_mse(rec.model_pred, rec.target, rec.loss_mask)
+    per_sample = _per_sample_mse(rec.model_pred, rec.target, rec.loss_mask, p.reduction)
     if p.samples == "instance":
         per_sample = per_sample[~rec.is_prior]
     return per_sample.mean() if per_sample.numel() else rec.model_pred.sum() * 0.0
@@ -128,7 +134,9 @@ def _token_maps(maps: torch.Tensor, samples: torch.Tensor, positions: torch.Tens
 def attn_mean_var_reg(rec: StepRecord, p: AttnMeanVarParams) -> torch.Tensor:
     v_pos, c_pos = rec.tokens.placeholder[:, 0], rec.tokens.super_category[:, 0]
     samples = ((v_pos >= 0) & (c_pos >= 0)).nonzero().flatten()
-    if samples.numel() == 0 or not rec.attention:
+    if not rec.attention:
+        raise ValueError("attn_mean_var_reg got no cross-attention maps (capture was not installed)")
+    if samples.numel() == 0:
         raise ValueError("attn_mean_var_reg needs prompts holding the placeholder followed by the super-category")
     total = 0.0
     for maps in rec.attention.values():
@@ -242,7 +250,15 @@ def soft_iou(a: torch.Tensor, b: torch.Tensor, smoothing: float = 1.0) -> torch.
 
 
 def disendiff_maps(rec: StepRecord, p: DisenDiffParams) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Processed maps of samples holding every subject: modifiers (n, S, h, w) and suppressed classes (n, S, h, w)."""
+    """Processed maps of samples holding every subject: modifiers (n, S, h, w) and suppressed classes (n, S, h, w).
+    Computed once per step and parameter set (both DisenDiff terms read them)."""
+    key = ("disendiff", p.resolution, p.kernel_size, p.sigma)
+    if key not in rec.cache:
+        rec.cache[key] = _disendiff_maps(rec, p)
+    return rec.cache[key]
+
+
+def _disendiff_maps(rec: StepRecord, p: DisenDiffParams) -> tuple[torch.Tensor, torch.Tensor] | None:
     layers = [k for k, (h, _) in rec.attention_resolution.items() if h == p.resolution and k in rec.attention]
     if not layers:
         have = sorted({h for h, _ in rec.attention_resolution.values()})
@@ -256,7 +272,7 @@ def disendiff_maps(rec: StepRecord, p: DisenDiffParams) -> tuple[torch.Tensor, t
     kernel = gaussian_kernel(p.kernel_size, p.sigma)
 
     def take(pos: torch.Tensor) -> torch.Tensor:
-        idx = pos[samples]  # (n, S)
+        idx = pos[samples].to(avg.device)  # (n, S)
         m = torch.gather(avg[samples], 2, idx[:, None, :].expand(-1, avg.shape[1], -1))  # (n, Q, S)
         m = m.permute(0, 2, 1).reshape(-1, h, w)
         return smooth(minmax_normalize(m), kernel).view(len(samples), -1, h, w)

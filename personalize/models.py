@@ -99,11 +99,12 @@ def load_components(model: str, cache_dir: str | None = None) -> SDComponents:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         tokenizer.model_max_length = 77
+        fp32 = {"torch_dtype": torch.float32}  # weights may be stored in fp16; training and placement start from fp32
         return SDComponents(
             tokenizer=tokenizer,
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **fp32),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **fp32),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             source=model,
             path=path,

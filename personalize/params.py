@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 from torch import nn
 
-from personalize.tokens import placeholder_embedding
-
 ATTN2 = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)\.")
 
 # selector -> (which model, predicate on the parameter name within that model)
@@ -65,6 +63,3 @@ def set_trainable(models: dict[str, nn.Module], selectors: list[str]) -> dict[st
 def text_side_frozen(models: dict[str, nn.Module]) -> bool:
     return not any(p.requires_grad for p in models["text_encoder"].parameters())
 
-
-def has_placeholder_rows(text_encoder) -> bool:
-    return placeholder_embedding(text_encoder) is not None

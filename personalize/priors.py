@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -54,39 +55,74 @@ def prior_prompt(spec: ClassPriorSpec, categories: list[str]) -> str:
     return spec.prompt.format(super_category=categories[0], classes=classes)
 
 
+@dataclass(frozen=True)
+class PriorRequest:
+    """One class-prior set: where it lives, what to generate, with which seeds."""
+
+    folder: Path
+    prompt: str
+    seeds: tuple[int, ...]
+    spec: ClassPriorSpec
+    resolution: int
+
+    @property
+    def parts(self) -> Path:
+        """Where images accumulate until the set is complete (several workers may fill it)."""
+        return self.folder.with_name(self.folder.name + ".parts")
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / MANIFEST).is_file()
+
+
+def prior_request(model_path: Path, spec: ClassPriorSpec, categories: list[str], seed: int, resolution: int,
+                  cache_root: Path | None = None) -> PriorRequest:
+    prompt = prior_prompt(spec, categories)
+    root = Path(cache_root) if cache_root else default_cache_root()
+    folder = root / prior_key(model_fingerprint(model_path), prompt, spec, seed, resolution)
+    return PriorRequest(folder, prompt, tuple(seed * 100_003 + i for i in range(spec.num_images)), spec, resolution)
+
+
 def class_prior_images(components, spec: ClassPriorSpec, categories: list[str], seed: int, resolution: int,
                        cache_root: Path | None = None, progress: bool = True) -> tuple[list[tuple[Image.Image, str]], Path]:
     """(image, caption) pairs for the class prior, and the folder they live in."""
-    prompt = prior_prompt(spec, categories)
     if spec.folder:
-        return load_captioned_folder(spec.folder, prompt), Path(spec.folder)
-    root = Path(cache_root) if cache_root else default_cache_root()
-    folder = root / prior_key(model_fingerprint(components.path), prompt, spec, seed, resolution)
-    if not (folder / MANIFEST).is_file():
-        generate_prior_folder(components, spec, prompt, seed, resolution, folder, progress)
-    return read_prior_folder(folder), folder
+        return load_captioned_folder(spec.folder, prior_prompt(spec, categories)), Path(spec.folder)
+    request = prior_request(components.path, spec, categories, seed, resolution, cache_root)
+    if not request.complete:
+        generate_prior_images(components, request, range(len(request.seeds)), progress)
+        finalize_prior_folder(request)
+    return read_prior_folder(request.folder), request.folder
 
 
-def generate_prior_folder(components, spec: ClassPriorSpec, prompt: str, seed: int, resolution: int, folder: Path,
-                          progress: bool) -> None:
+def generate_prior_images(components, request: PriorRequest, indices, progress: bool = False) -> list[Path]:
+    """Generate the images of `request` at `indices` into its parts folder (skips those already there)."""
     from personalize.sampling import build_pipeline, generate
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pipe = build_pipeline(components, spec.scheduler)
-    seeds = [seed * 100_003 + i for i in range(spec.num_images)]
-    images = generate(pipe, [prompt] * len(seeds), seeds, resolution, spec.inference_steps, spec.guidance_scale,
-                      eta=spec.eta, progress=progress)
-    items = []
-    for i, image in enumerate(images):
-        name = f"{i:05d}.png"
-        image.save(tmp / name)
-        items.append({"file": name, "caption": prompt, "seed": seeds[i]})
-    (tmp / MANIFEST).write_text(json.dumps({"prompt": prompt, "images": items}, indent=1))
+    request.parts.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in indices if not (request.parts / f"{i:05d}.png").is_file()]
+    if todo:
+        pipe = build_pipeline(components, request.spec.scheduler)
+        images = generate(pipe, [request.prompt] * len(todo), [request.seeds[i] for i in todo], request.resolution,
+                          request.spec.inference_steps, request.spec.guidance_scale, eta=request.spec.eta, progress=progress)
+        for i, image in zip(todo, images):
+            tmp = request.parts / f".{i:05d}.png"
+            image.save(tmp, format="PNG")
+            tmp.rename(request.parts / f"{i:05d}.png")
+    return [request.parts / f"{i:05d}.png" for i in indices]
+
+
+def finalize_prior_folder(request: PriorRequest) -> None:
+    """Once every image is there: write the manifest and move the set into place (atomically)."""
+    names = [f"{i:05d}.png" for i in range(len(request.seeds))]
+    missing = [n for n in names if not (request.parts / n).is_file()]
+    if missing:
+        raise RuntimeError(f"class-prior set {request.folder.name} is incomplete: {len(missing)} images missing")
+    items = [{"file": n, "caption": request.prompt, "seed": s} for n, s in zip(names, request.seeds)]
+    (request.parts / MANIFEST).write_text(json.dumps({"prompt": request.prompt, "images": items}, indent=1))
     try:
-        tmp.rename(folder)
+        request.parts.rename(request.folder)
     except OSError:  # another run finished the same set first: keep theirs
-        if not (folder / MANIFEST).is_file():
+        if not request.complete:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(request.parts, ignore_errors=True)

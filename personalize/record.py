@@ -42,6 +42,9 @@ class TokenRoles:
     placeholder_len: int  # vectors per placeholder
     super_category: torch.Tensor  # first token of each subject's class word
 
+    def to(self, device) -> TokenRoles:
+        return TokenRoles(self.placeholder.to(device), self.placeholder_len, self.super_category.to(device))
+
 
 @dataclass
 class ContextRecord:
@@ -68,3 +71,4 @@ class StepRecord:
     attention: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, heads, Q, 77)
     attention_resolution: dict[str, tuple[int, int]] = field(default_factory=dict)
     context: ContextRecord | None = None
+    cache: dict = field(default_factory=dict)  # values several terms derive from the same maps

@@ -70,8 +70,10 @@ def comparison_frame(evaluations) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["concept", "method"]).reset_index(drop=True)
 
 
-def scatter_plot(frame: pd.DataFrame, path: Path, identity: tuple[str, ...] = ("clip_i", "dino")) -> Path:
+def scatter_plot(frame: pd.DataFrame, path: Path, identity: tuple[str, ...] = ("clip_i", "dino"),
+                 labels: dict[str, str] | None = None) -> Path:
     """CLIP-T (x) against each identity score (y), one point per run, coloured by method; method means marked."""
+    names = {"clip_i": "CLIP-I", "dino": "DINO", **(labels or {})}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +89,7 @@ def scatter_plot(frame: pd.DataFrame, path: Path, identity: tuple[str, ...] = ("
             ax.scatter(part["clip_t"].mean(), part[metric].mean(), color=colours(k % 10), marker="X", s=140,
                        edgecolor="black")
         ax.set_xlabel(f"CLIP-T ({SCALE}): text alignment")
-        ax.set_ylabel(f"{'CLIP-I' if metric == 'clip_i' else metric.upper()} ({SCALE}): identity")
+        ax.set_ylabel(f"{names.get(metric, metric)} ({SCALE}): identity")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle("text alignment vs identity (dots: runs, crosses: method means)")

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from personalize.config import RunSpec, StageSpec
-from personalize.data import Batcher, LatentBank, instance_bank, prior_bank
+from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank, instance_bank, prior_bank
 from personalize.errors import ConceptError, ConfigError
-from personalize.images import load_concept_images
+from personalize.images import list_image_files, load_concept_images
 from personalize.losses import combined_needs
 from personalize.models import SDComponents, load_components
 from personalize.params import SelectorError, select
-from personalize.priors import class_prior_images
+from personalize.priors import class_prior_images, model_fingerprint
 from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.record import Needs
 from personalize.sampling import subject_phrase
@@ -75,24 +75,36 @@ def method_needs(spec: RunSpec) -> Needs:
 
 
 def _place_models(components: SDComponents, spec: RunSpec, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Frozen modules in the compute dtype; a model any stage trains stays fp32 (its frozen part included,
-    so that stage changes nothing it does not train)."""
+    """Everything on the device in the compute dtype, except the parameters some stage trains: those stay fp32
+    (as loaded), so training updates full-precision weights and nothing else is ever written."""
     low = dtype or torch.float32
-    trained = {sel.split(".")[0] for stage in spec.method.stages for sel in stage.trainable}
-    targets = {
-        components.vae: low,
-        components.unet: torch.float32 if "unet" in trained else low,
-        components.text_encoder: torch.float32 if "text_encoder" in trained else low,
-    }
-    for module, module_dtype in targets.items():
-        module.to(device)
-        if next(module.parameters()).dtype != module_dtype:
-            module.to(module_dtype)
-        module.eval()
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    trained = set(select(models, sorted({sel for s in spec.method.stages for sel in s.trainable})))
+    components.vae.to(device, low).eval()
+    for name, model in models.items():
+        model.to(device).eval()
+        if low == torch.float32:
+            continue
+        for pname, param in model.named_parameters():
+            if f"{name}.{pname}" not in trained:
+                param.data = param.data.to(low)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                model.get_buffer(buffer_name).data = buffer.data.to(low)
+
+
+def check_selectors(spec: RunSpec, components: SDComponents) -> None:
+    """Fail fast on a selector that matches nothing (before any image is generated or encoded)."""
+    for stage in spec.method.stages:
+        try:
+            select({"unet": components.unet, "text_encoder": components.text_encoder}, stage.trainable)
+        except SelectorError as e:
+            raise ConfigError(f"method {spec.method.name}", [f"stages.{stage.name}.trainable: {e}"]) from None
 
 
 def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress: bool = True) -> RunContext:
-    """Load and validate everything a run needs. Bad concept input raises ConceptError naming the concept."""
+    """Load and validate everything a run needs; cheap checks first. Bad concept input raises ConceptError
+    naming the concept."""
     concept, method = spec.concept, spec.method
     images = load_concept_images(concept.id, concept.images, spec.resolution)
     components = components or load_components(spec.model)
@@ -102,36 +114,40 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
         single_token_id(tokenizer, s.super_category, concept.id) if needs.single_token_class else word_ids(tokenizer, s.super_category)[0]
         for s in concept.subjects
     ]
+    placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
+    check_selectors(spec, components)
+    check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs)
     device = resolve_device(spec.device)
     dtype = resolve_precision(spec.mixed_precision, device)
     _place_models(components, spec, device, dtype)
 
     prior_pairs, prior_folder = None, None
-    if any(s.use_class_prior for s in method.stages):
+    if any(s.use_class_prior for s in method.stages):  # the base model's outputs: new tokens change nothing here
         prior_pairs, prior_folder = class_prior_images(
             components, method.class_prior, [s.super_category for s in concept.subjects], spec.seed, spec.resolution,
             Path(spec.prior_cache_dir) if spec.prior_cache_dir else None, progress,
         )
-    placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
-    components.text_encoder.get_input_embeddings().to(device)
-
     vae_dtype = next(components.vae.parameters()).dtype
-    instances = instance_bank(images, method.augmentation, spec.resolution, spec.latent_variants, components.vae,
-                              spec.seed, device, vae_dtype)
+    instances = cached_instance_bank(
+        Path(spec.latent_cache_dir) if spec.latent_cache_dir else None,
+        instance_bank_key(spec, components),
+        lambda: instance_bank(images, method.augmentation, spec.resolution, spec.latent_variants, components.vae,
+                              spec.seed, device, vae_dtype),
+    )
     priors = prior_bank(prior_pairs, spec.resolution, components.vae, device, vae_dtype) if prior_pairs else None
     batcher = Batcher(instances, placeholders, templates(method.prompt), priors,
                       method.class_prior.mode if method.class_prior else "concat")
     context = None
     if method.context_prompts:
         context = [i.template for i in load_prompt_set(context_set_for(method.context_prompts, concept.kind))]
-    for stage in spec.method.stages:  # fail fast on selectors that match nothing
-        try:
-            select({"unet": components.unet, "text_encoder": components.text_encoder}, stage.trainable)
-        except SelectorError as e:
-            raise ConfigError(f"method {method.name}", [f"stages.{stage.name}.trainable: {e}"]) from None
-    check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs)
     return RunContext(spec, components, placeholders, class_ids, instances, batcher, context, device, dtype, prior_folder,
                       subject_phrase(method, placeholders))
+
+
+def instance_bank_key(spec: RunSpec, components: SDComponents) -> str:
+    files = list_image_files(spec.concept.id, spec.concept.images)
+    return bank_key(model_fingerprint(components.path), files, spec.method.augmentation, spec.resolution,
+                    spec.latent_variants, spec.seed)
 
 
 def check_class_after_placeholder(spec: RunSpec, tokenizer, placeholders: Placeholders, class_ids: list[int | None],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
@@ -108,9 +107,6 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
     return grid
 
 
-def to_array(images: Sequence[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(i, dtype=np.uint8) for i in images])
-
 
 # --------------------------------------------------------------------------------------------
 # Personalised pipelines rebuilt from a run folder
@@ -138,8 +134,10 @@ class LoadedRun:
         comps = self.components
         self.placeholders = add_placeholders(comps.tokenizer, comps.text_encoder, self.spec.method.placeholder, self.spec.concept)
         embeds = load_embeddings(self.run_dir)
+        self.trained_rows = None
         if self.placeholders.learned:
-            restore_rows(comps.text_encoder, torch.cat([embeds[tokens[0]] for tokens in self.placeholders.tokens]))
+            self.trained_rows = torch.cat([embeds[tokens[0]] for tokens in self.placeholders.tokens])
+            restore_rows(comps.text_encoder, self.trained_rows)
         unet = load_unet_weights(self.run_dir)
         if unet:
             missing = set(unet) - set(comps.unet.state_dict())

@@ -7,6 +7,7 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -18,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from personalize import checkpoint as ckpt
-from personalize.attention import CaptureSpec, attention_hooks
+from personalize.attention import attention_hooks
 from personalize.config import RunSpec, StageSpec
 from personalize.data import generator
+from personalize.distributed import average_gradients, barrier, is_main, world
 from personalize.errors import RunStateError
 from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.params import select, set_trainable
@@ -109,41 +111,37 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     trainable = set_trainable(ctx.models, stage.trainable)
     names = list(trainable)
     optimizer = make_optimizer(list(trainable.values()), stage)
-    start = 0
-    stage_state: dict = {}
+    start, stage_state = 0, {}
     if resume is not None and resume.cursor.stage_index == index and resume.optimizer is not None:
         ckpt.restore_optimizer(optimizer, names, resume.optimizer)
         start, stage_state = resume.cursor.step, resume.cursor.stage_state
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
+    if "scaler" in stage_state:
+        scaler.load_state_dict(stage_state["scaler"])
     lock = NormLock(stage, stage_state)
     embedding = placeholder_embedding(ctx.components.text_encoder)
     rows = embedding.rows if embedding is not None and embedding.rows.requires_grad else None
     terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
     needs = combined_needs(stage.losses)
-    capture = _union(needs.capture, needs.context_capture)
-    prompt_override = [stage.prompt] if isinstance(stage.prompt, str) else stage.prompt
+    capture = needs.capture.merge(needs.context_capture) if needs.capture else needs.context_capture
+    prompts = [stage.prompt] if isinstance(stage.prompt, str) else stage.prompt
 
-    began = time.perf_counter()
-    last: dict[str, float] = {}
-    bar = tqdm(range(start, stage.steps), desc=f"{spec.concept.id}/{spec.method.name}: {stage.name}", disable=not progress,
-               initial=start, total=stage.steps, leave=False)
-    with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store:
-        engine = StepEngine(ctx, needs, store, prompt_override)
+    rank, world_size = world()
+    began, last = time.perf_counter(), {}
+    bar = tqdm(range(start, stage.steps), desc=f"{spec.concept.id}/{spec.method.name}: {stage.name}",
+               disable=not progress or rank > 0, initial=start, total=stage.steps, leave=False)
+    with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store, \
+            gradient_checkpointing(ctx, trainable, enabled=spec.gradient_checkpointing and capture is None):
+        engine = StepEngine(ctx, needs, store, prompts, stage.context_prompts)
         for step in bar:
             maybe_inject_fault(stage.name, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(stage, step)
             optimizer.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
-            for micro in range(stage.grad_accum):
-                gen = generator(spec.seed, "step", index, step, micro)
-                record = engine.record(ctx.batcher.draw(stage.batch_size, gen, stage.use_class_prior), gen)
-                values = {name: term.fn(record, params) for name, (term, params, _) in terms.items()}
-                loss = sum(weight * values[name] for name, (_, _, weight) in terms.items())
-                scaler.scale(loss / stage.grad_accum).backward()
-                for name, v in values.items():
-                    totals[name] = totals.get(name, 0.0) + float(v.detach()) / stage.grad_accum
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / stage.grad_accum
+            totals = accumulate(ctx, engine, stage, terms, scaler, (spec.seed, "step", index, step), rank, world_size)
+            if not all(math.isfinite(v) for v in totals.values()):
+                raise FloatingPointError(f"stage {stage.name} step {step}: non-finite loss {totals}")
+            average_gradients(trainable.values())
             if stage.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable.values(), stage.max_grad_norm)
@@ -151,23 +149,46 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
             scaler.update()
             if rows is not None:
                 lock.after_update(rows, step + 1)
-            if not all(math.isfinite(v) for v in totals.values()):
-                raise FloatingPointError(f"stage {stage.name} step {step}: non-finite loss {totals}")
             last = totals
             sink.log_metrics({f"train/{stage.name}/{k}": v for k, v in totals.items()}, global_step + step)
             bar.set_postfix(loss=f"{totals['loss']:.4g}")
             done = step + 1
-            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps:
-                cursor = ckpt.Cursor(index, done, spec.config_hash(), spec.seed, lock.state())
-                ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, cursor, learned_state(ctx, index),
-                          ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
+            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
+                state = {**lock.state(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
+                          learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
     for p in trainable.values():
         p.requires_grad_(False)
     return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)
 
 
-def _union(a: CaptureSpec | None, b: CaptureSpec | None) -> CaptureSpec | None:
-    return b if a is None else a.merge(b)
+def accumulate(ctx: RunContext, engine: StepEngine, stage: StageSpec, terms: dict, scaler, step_key: tuple,
+               rank: int, world_size: int) -> dict[str, float]:
+    """Forward and backward over the stage's micro-batches; returns each term's (and the total's) mean value."""
+    sums = None
+    for micro in range(stage.grad_accum):
+        gen = generator(*step_key, micro, *((rank,) if world_size > 1 else ()))
+        record = engine.record(ctx.batcher.draw(stage.batch_size, gen, stage.use_class_prior), gen)
+        values = [term.fn(record, params) for term, params, _ in terms.values()]
+        loss = sum(weight * v for v, (_, _, weight) in zip(values, terms.values()))
+        scaler.scale(loss / stage.grad_accum).backward()
+        step_values = torch.stack([v.detach().float() for v in values] + [loss.detach().float()]) / stage.grad_accum
+        sums = step_values if sums is None else sums + step_values
+    return dict(zip([*terms, "loss"], sums.tolist()))  # one device sync per step
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(ctx: RunContext, trainable: dict, enabled: bool):
+    """Recompute activations in backward for the trained models (not with attention capture: the maps a loss
+    reads come from the first forward, which a recompute would not reproduce)."""
+    models = [m for name, m in ctx.models.items() if enabled and any(k.startswith(name + ".") for k in trainable)]
+    for model in models:
+        (model.enable_gradient_checkpointing if hasattr(model, "enable_gradient_checkpointing") else model.gradient_checkpointing_enable)()
+    try:
+        yield
+    finally:
+        for model in models:
+            (model.disable_gradient_checkpointing if hasattr(model, "disable_gradient_checkpointing") else model.gradient_checkpointing_disable)()
 
 
 def learned_state(ctx: RunContext, upto: int) -> dict[str, torch.Tensor]:
@@ -205,8 +226,10 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         if not resume:
             raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
     ctx = prepare_run(spec, components, progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.resolved.json").write_text(spec.model_dump_json(indent=1))
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.resolved.json").write_text(spec.model_dump_json(indent=1))
     stages = spec.method.stages
     offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
     start_stage, first_step = 0, None
@@ -214,22 +237,26 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         ckpt.apply_learned(ctx.models, checkpoint.learned)
         start_stage = checkpoint.cursor.stage_index
         first_step = offsets[start_stage] + checkpoint.cursor.step if start_stage < len(stages) else sum(s.steps for s in stages)
-    sink = runlog.MultiSink(runlog.FileSink(run_dir, first_step), sink)
+    sink = runlog.MultiSink(runlog.FileSink(run_dir, first_step) if main else None, sink)
 
     results = []
     for index in range(start_stage, len(stages)):
         stage = stages[index]
         result = run_stage(ctx, index, stage, sink, checkpoint, offsets[index], progress)
-        path = ckpt.save(ckpt.stage_dir(run_dir, index, stage.name),
-                         ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
-        ckpt.discard_latest(run_dir)
+        path = ckpt.stage_dir(run_dir, index, stage.name)
+        if main:
+            ckpt.save(path, ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
+            ckpt.discard_latest(run_dir)
+        barrier()
         sink.stage_finished(index, stage, path, result.seconds)
-        if spec.samples.heatmaps:
+        if spec.samples.heatmaps and main:
             write_stage_heatmaps(ctx, index, stage.name)
         if on_stage_end is not None:
             on_stage_end(ctx, index, stage)
         results.append(result)
 
+    if not main:
+        return RunResult(run_dir, "finished", results, [])
     outputs = _write_outputs(ctx, export)
     write_sample_grid(ctx, run_dir / "samples.png")
     outputs.append("samples.png")

@@ -19,11 +19,13 @@ from personalize.tokens import context_positions, find_roles, tokenize
 
 
 class StepEngine:
-    def __init__(self, ctx: RunContext, needs: Needs, store: AttentionStore | None, prompt_override: list[str] | None = None):
+    def __init__(self, ctx: RunContext, needs: Needs, store: AttentionStore | None, prompt_override: list[str] | None = None,
+                 context_prompts: list[str] | None = None):
         self.ctx = ctx
         self.needs = needs
         self.store = store
         self.prompt_override = prompt_override
+        self.context_prompts = context_prompts or ctx.context_templates
         self.text_cache: dict[str, torch.Tensor] | None = {} if text_side_frozen(ctx.models) else None
 
     def autocast(self):
@@ -62,14 +64,15 @@ class StepEngine:
         timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
         noisy = comps.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.autocast():
-            ids, embeds = self.encode(prompts)
+            ids = tokenize(comps.tokenizer, prompts)
             rec = StepRecord(
                 timesteps=timesteps,
                 is_prior=batch.is_prior.to(device),
-                tokens=find_roles(ids, ctx.placeholders, ctx.class_ids),
+                tokens=find_roles(ids, ctx.placeholders, ctx.class_ids).to(device),
                 loss_mask=batch.masks.to(device) if batch.masks is not None else None,
             )
             if self.needs.prediction:
+                _, embeds = self.encode(prompts)
                 rec.model_pred, rec.attention = self.unet(noisy, timesteps, embeds, self.needs.capture)
                 rec.attention_resolution = dict(self.store.resolutions) if self.store else {}
                 rec.target = noise if comps.noise_scheduler.config.prediction_type == "epsilon" else comps.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -89,7 +92,7 @@ class StepEngine:
         Context tokens are everything from SOT to EOT except the subject's tokens. The reference side has
         no gradient."""
         ctx, comps = self.ctx, self.ctx.components
-        pool = self.prompt_override or ctx.context_templates
+        pool = self.context_prompts
         template = pool[int(torch.randint(len(pool), (), generator=gen))].replace("{placeholder}", "{}")
         target_prompt = template.replace("{}", ctx.subject)
         reference_prompt = template.replace("{}", ctx.placeholders.super_categories[0])

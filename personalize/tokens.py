@@ -96,6 +96,8 @@ def single_token_id(tokenizer, word: str, concept_id: str) -> int:
 
 def _init_row(tokenizer, base: nn.Embedding, init: str, super_category: str, concept_id: str) -> torch.Tensor:
     if init.startswith("id:"):
+        if not init[3:].isdigit():
+            raise ConceptError(concept_id, f"placeholder init {init!r} is not a token id", "write it as id:<number>, e.g. id:42170")
         token_id = int(init[3:])
         if not 0 <= token_id < base.num_embeddings:
             raise ConceptError(concept_id, f"init token id {token_id} is outside the vocabulary", "use an id below the vocabulary size")
@@ -123,7 +125,10 @@ def add_placeholders(tokenizer, text_encoder, spec: PlaceholderSpec, concept: Co
     if len(tokenizer) != base.num_embeddings:
         raise ConceptError(concept.id, f"tokenizer has {len(tokenizer)} tokens but the embedding {base.num_embeddings} rows",
                            "use a tokenizer and text encoder from the same model")
-    inits = spec.init if isinstance(spec.init, list) else [spec.init]
+    inits = spec.init if isinstance(spec.init, list) else [spec.init] * len(categories)
+    if len(inits) != len(categories):
+        raise ConceptError(concept.id, f"placeholder.init lists {len(inits)} initialisations for {len(categories)} subjects",
+                           "give one init per subject (or a single value for all)")
     tokens, rows, strings = [], [], []
     for j, category in enumerate(categories):
         name = spec.string.format(concept=concept.id, index=j + 1)
@@ -132,7 +137,7 @@ def add_placeholders(tokenizer, text_encoder, spec: PlaceholderSpec, concept: Co
             if in_vocabulary(tokenizer, token):
                 raise ConceptError(concept.id, f"placeholder {token!r} already exists in the vocabulary",
                                    "choose a placeholder string that is not a CLIP token, e.g. '<my-concept>'")
-        init = inits[j % len(inits)]
+        init = inits[j]
         rows += [_init_row(tokenizer, base, init, category, concept.id)] * spec.vectors
         tokens.append(subject_tokens)
         strings.append(" ".join(subject_tokens))

@@ -12,7 +12,7 @@ from personalize.errors import ConceptError
 from personalize.run import RunContext, resolve_precision
 from personalize.sampling import LoadedRun
 from personalize.stages import NullSink, run_stage
-from personalize.tokens import placeholder_embedding, single_token_id
+from personalize.tokens import placeholder_embedding, restore_rows, single_token_id
 
 
 def test_time_stage(run: LoadedRun, steps: int | None = None) -> StageSpec:
@@ -36,6 +36,7 @@ def optimize_for_prompt(run: LoadedRun, template: str, steps: int | None = None,
         batcher=Batcher(instances, run.placeholders, [template]), context_templates=[template], device=run.device,
         autocast_dtype=resolve_precision(spec.mixed_precision, run.device), prior_folder=None, subject=run.subject,
     )
-    stage = test_time_stage(run, steps).model_copy(update={"prompt": template})
+    stage = test_time_stage(run, steps).model_copy(update={"prompt": template, "context_prompts": [template]})
+    restore_rows(run.components.text_encoder, run.trained_rows)  # every prompt starts from the trained embedding
     run_stage(ctx, len(spec.method.stages), stage, NullSink(), None, 0, progress)
     return placeholder_embedding(run.components.text_encoder).rows.detach().clone()

@@ -66,8 +66,11 @@ def quick_spec(method: str, model: Path, images: Path, out: Path, *, concept: di
 
     overrides = {}
     for stage in load_method(method).stages:
-        for key, value in {**QUICK, **(stage_overrides or {})}.items():
+        settings = {**QUICK, **(stage_overrides or {})}
+        for key, value in settings.items():
             overrides[f"stages.{stage.name}.{key}"] = value
+        if stage.embedding_norm_lock is not None:  # keep the window inside the shortened stage
+            overrides[f"stages.{stage.name}.embedding_norm_lock"] = {"start": 1, "end": settings["steps"]}
     if method in ("dreambooth", "custom_diffusion", "disendiff"):
         overrides.update({"class_prior.num_images": 2, "class_prior.inference_steps": 2})
     concept = concept or {"id": "blob", "images": str(images), "super_category": "toy"}

@@ -37,7 +37,7 @@ def test_custom_diffusion_small_scale_pastes_with_mask_and_caption():
             seen["far"] += 1
             assert v.caption_prefix in ("a far away ", "very small ")
             assert v.mask.shape == (1, 16, 16) and 0 < v.mask.sum() < 16 * 16
-            assert v.mask[0, 0, 0] == 0 and (v.pixels.min(0).values == -1).any()  # black canvas around
+            assert (v.pixels.abs().max(0).values < 0.01).any()  # a mid-grey canvas around (0 after scaling)
         elif v.caption_prefix:
             seen["zoom"] += 1
             assert v.caption_prefix in ("zoomed in ", "close up ")

@@ -1,0 +1,40 @@
+"""Quality benchmark of every method in the micro world (see microworld/quality.py).
+
+    python bench/quality.py                  # reduced setting: 2 concepts x 1 seed, under an hour on 2 CPU cores
+    python bench/quality.py --full           # 8 concepts x 3 seeds, the papers' step counts (hours on a CPU)
+    python bench/quality.py --methods core dreambooth --concepts 4 --seeds 2
+
+Prints the table and writes docs/quality.md, quality.csv, quality_runs.csv and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from microworld.quality import Setting, run, write_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--concepts", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--work", default="outputs/quality", help="runs, samples and evaluations")
+    parser.add_argument("--docs", default="docs", help="where the table and plot go")
+    args = parser.parse_args()
+    setting = Setting.full() if args.full else Setting()
+    for key in ("methods", "concepts", "seeds"):
+        if getattr(args, key) is not None:
+            setattr(setting, key, getattr(args, key))
+    began = time.perf_counter()
+    frame = run(Path(args.work), setting)
+    paths = write_report(frame, setting, Path(args.docs), (time.perf_counter() - began) / 60)
+    print(paths["markdown"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`personalize batch CONFIG [overrides]` (also `python -m pipelines.batch`): the product's main job.
+
+prepare (Ray Data: validate images, encode latents, class priors) -> train (Ray Train, one TorchTrainer per
+concept x method run) -> evaluate (Ray Data: sampling actors, scoring actors) -> results table.
+
+Without a cluster it starts a local Ray in-process; under `ray job submit` (or with RAY_ADDRESS) it joins the
+cluster. Resubmitting the same config skips finished runs and resumes unfinished ones. Exits non-zero only
+when the config is invalid or every run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from personalize.errors import ModelUnavailableError, PersonalizeError
+from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
+from pipelines.config import BatchConfig, load_batch, resolve_batch
+from pipelines.redaction import redact
+from pipelines.results import results_frame, to_markdown, write_results
+
+log = logging.getLogger(__name__)
+
+
+def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: str) -> list[dict]:
+    by_run = {str(o.spec.run_dir): o for o in outcomes}
+    rows = []
+    for spec in specs:
+        row = {"concept": spec.concept.id, "method": spec.method.name, "run_dir": str(spec.run_dir),
+               "stage_seconds": "{}", "train_seconds": 0.0, "reason": "", "report": ""}
+        if spec.concept.id in bad:
+            rows.append({**row, "status": "failed", "reason": redact(bad[spec.concept.id])})
+            continue
+        outcome = by_run[str(spec.run_dir)]
+        row.update(status=outcome.status, reason=redact(outcome.reason), train_seconds=round(outcome.seconds, 2),
+                   stage_seconds=json.dumps(outcome.stage_seconds))
+        evaluation = evaluations.get(str(spec.run_dir))
+        if evaluation is not None:
+            m = evaluation.metrics
+            row.update(clip_t=m["clip_t"], clip_i=m["clip_i"], dino=m["dino"], report=str(evaluation.folder / "report.html"))
+        elif outcome.status != "failed" and eval_error:
+            row["reason"] = redact(f"not evaluated: {eval_error}")
+        rows.append(row)
+    return rows
+
+
+def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
+    from personalize.models import resolve_model_path
+    from pipelines.evaluate import evaluate_runs
+    from pipelines.prepare import encode_latents, generate_priors, validate_concepts
+    from pipelines.storage import StorageRoot
+    from pipelines.train import train_runs
+
+    began = time.perf_counter()
+    root = StorageRoot(config.storage)
+    if not root.remote and os.environ.get("RAY_JOB_ID") and not Path(config.storage).is_absolute():
+        log.warning("storage %r is relative: under `ray job submit` it lands in the job's temporary working "
+                    "directory; use an absolute path or s3://bucket/prefix", config.storage)
+    specs = resolve_batch(config, base_dir, str(root.local("runs")), str(root.local("cache")))
+    print(f"{len(specs)} runs ({len({s.concept.id for s in specs})} concepts x {len(config.methods)} methods); "
+          f"storage {root.uri()}; {connect()}", flush=True)
+    quiet_ray_data()
+    cap = capacity()
+    res = config.resources
+    actors = max(1, min(res.data_actors, int(cap.gpus) if cap.use_gpu else res.data_actors))
+    bad = validate_concepts(specs)
+    good = [s for s in specs if s.concept.id not in bad]
+    if good:
+        encode_latents(good, config.model, actors, cap.use_gpu)
+        made = generate_priors(good, resolve_model_path(config.model), config.model, actors, cap.use_gpu, root)
+        print(f"prepared: {len(bad)} bad concept(s) skipped, {made} class-prior set(s) generated", flush=True)
+    workers = max(1, res.gpus_per_run) if cap.use_gpu else 1
+    scaling = {"num_workers": workers, "use_gpu": cap.use_gpu,
+               "resources_per_worker": {"CPU": res.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}}
+    concurrency = concurrent_runs(cap, res.gpus_per_run, res.cpus_per_run, res.max_concurrent_runs)
+    tracking = tracker.worker_settings() if tracker else None
+    outcomes = train_runs(good, scaling, config.storage, concurrency, res.max_failures, forwarded_env(), tracking)
+    usable = [o.spec for o in outcomes if o.status in ("finished", "skipped")]
+    evaluations, eval_error = {}, ""
+    if config.evaluation is not None and usable:
+        try:
+            evaluations = evaluate_runs(usable, config.evaluation, actors, cap.use_gpu)
+        except Exception as e:  # scorers missing, for instance: the trained runs still stand
+            eval_error = _root_cause(e)
+            log.error("evaluation failed: %s", eval_error)
+    frame = results_frame(result_rows(specs, bad, outcomes, evaluations, eval_error))
+    paths = write_results(frame, root.local("results"))
+    if len(evaluations) > 1:
+        from personalize.report import write_comparison
+
+        write_comparison(list(evaluations.values()), root.local("results", "comparison"))
+    for spec in usable:  # evaluations land in the run folders
+        root.push(root.relative(spec.run_dir), marker="DONE.json")
+    root.push("results")
+    if tracker is not None:
+        tracker.batch_finished(frame, evaluations, paths, specs)
+    print("\n" + to_markdown(frame))
+    print(f"results: {paths['markdown']} and {paths['parquet']} ({time.perf_counter() - began:.0f} s)", flush=True)
+    return 0 if (frame["status"] != "failed").any() else 1
+
+
+def quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _root_cause(error: Exception) -> str:
+    """Ray wraps actor errors; the user needs the innermost message (e.g. which scorer model is missing)."""
+    text = str(error)
+    for marker in (ModelUnavailableError.__name__ + ":", "PersonalizeError:"):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="personalize batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="batch YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.max_concurrent_runs=2")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("personalize", "pipelines", "tuning"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        config, base_dir = load_batch(args.config, args.overrides)
+        from pipelines.tracking import tracker_for
+
+        with tracker_for(config) as tracker:
+            return run_batch(config, base_dir, tracker)
+    except PersonalizeError as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

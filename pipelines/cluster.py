@@ -1,0 +1,61 @@
+"""Joining a Ray cluster, or starting a local one bound to 127.0.0.1, and reading its capacity."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Forwarded to every Ray worker: Ray only propagates RAY_TRAIN_* variables by itself.
+FORWARDED_ENV = ("PERSONALIZE_INJECT_FAULT", "PERSONALIZE_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def connect(num_cpus: int | None = None) -> str:
+    """Attach to the cluster named by RAY_ADDRESS (or the one a `ray job submit` runs in); otherwise start a
+    local Ray in this process, on loopback only. Returns a description."""
+    if ray.is_initialized():
+        return "already connected"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = {"env_vars": forwarded_env()}
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(runtime_env=env, log_to_driver=True)
+        return f"joined the cluster at {os.environ.get('RAY_ADDRESS', 'the job cluster')}"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every Ray listener on 127.0.0.1
+    cpus = num_cpus or max(4, os.cpu_count() or 2)  # logical CPUs: drivers and actors mostly wait
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1",
+             object_store_memory=512 * 1024 * 1024)
+    return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    gpus: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus >= 1
+
+
+def capacity() -> Capacity:
+    total = ray.cluster_resources()
+    return Capacity(total.get("CPU", 0.0), total.get("GPU", 0.0))
+
+
+def concurrent_runs(cap: Capacity, gpus_per_run: int, cpus_per_run: float, limit: int | None) -> int:
+    """How many runs fit at once: by GPUs when there are GPUs, else by CPUs (one CPU kept for drivers/actors)."""
+    if cap.use_gpu:
+        fit = int(cap.gpus // max(1, gpus_per_run))
+    else:
+        fit = int(max(1.0, cap.cpus - 1) // cpus_per_run)
+    fit = max(1, fit)
+    return min(fit, limit) if limit else fit

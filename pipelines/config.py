@@ -1,0 +1,97 @@
+"""The batch configuration: the concept x method grid, evaluation, resources and storage. Strict like the
+experiment config: unknown keys are errors and every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalize.config import (
+    ConceptSpec,
+    EvaluationSpec,
+    ExperimentConfig,
+    RunSpec,
+    SampleSpec,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+    resolve_model,
+    resolve_runs,
+    validate,
+)
+from personalize.errors import ConfigError
+from pipelines.tracking import TrackingSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResourceSpec(Strict):
+    gpus_per_run: int = Field(default=1, ge=0)  # Ray Train workers per run when the cluster has GPUs (one GPU each)
+    cpus_per_run: float = Field(default=1.0, gt=0)  # CPU per worker (the only resource when the cluster has no GPU)
+    max_concurrent_runs: int | None = Field(default=None, ge=1)  # default: what the cluster can hold at once
+    max_failures: int = Field(default=1, ge=0)  # restarts of a run's workers after a crash (resume from checkpoint)
+    data_actors: int = Field(default=1, ge=1)  # Ray Data actor pool size (latents, class priors, sampling, scoring)
+
+
+class BatchConfig(Strict):
+    name: str = "personalize-batch"  # the MLflow experiment and the Ray job's run names
+    model: str
+    methods: list[str] = Field(min_length=1)
+    concepts: list[ConceptSpec] | str = Field(min_length=1)
+    method_overrides: dict[str, dict[str, Any]] = {}  # per method: dotted overrides (stages.<name>.steps: 100)
+    storage: str = "outputs/batch"  # a local folder or s3://bucket/prefix
+    seed: int = 0
+    resolution: int = Field(default=512, ge=16)
+    mixed_precision: str = "auto"
+    latent_variants: int = Field(default=16, ge=1)
+    checkpoint_every: int = Field(default=0, ge=0)
+    steps_scale: float = Field(default=1.0, gt=0)
+    samples: SampleSpec = SampleSpec()
+    evaluation: EvaluationSpec | None = EvaluationSpec()
+    resources: ResourceSpec = ResourceSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    def experiment(self, method: str, output_dir: str, cache_dir: str) -> ExperimentConfig:
+        return ExperimentConfig(
+            model=self.model, method=method, concepts=self.concepts, output_dir=output_dir, seed=self.seed,
+            resolution=self.resolution, mixed_precision=self.mixed_precision, latent_variants=self.latent_variants,
+            checkpoint_every=self.checkpoint_every, steps_scale=self.steps_scale, samples=self.samples,
+            prior_cache_dir=f"{cache_dir}/class_priors", latent_cache_dir=f"{cache_dir}/latents",
+            overrides=self.method_overrides.get(method, {}),
+        )
+
+
+def load_batch(path: str | Path, cli_overrides: list[str] | None = None) -> tuple[BatchConfig, Path]:
+    """The batch config with command-line overrides applied (`resources.max_concurrent_runs=2`)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["expected a mapping at the top level"])
+    overrides = dict(parse_override(o) for o in cli_overrides or [])
+    if overrides:
+        raw = apply_overrides(raw, overrides, f"{path} (with overrides)")
+    config = validate(BatchConfig, raw, str(path))
+    unknown = [m for m in config.method_overrides if m not in config.methods]
+    if unknown:
+        raise ConfigError(str(path), [f"method_overrides names methods not in `methods`: {unknown}"])
+    if config.evaluation is not None:  # scorer folders given as ./ or ../ paths are relative to this file
+        config.evaluation = config.evaluation.model_copy(update={
+            "clip": resolve_model(config.evaluation.clip, path.parent), "dino": resolve_model(config.evaluation.dino, path.parent)})
+    return config, path.parent
+
+
+def resolve_batch(config: BatchConfig, base_dir: Path, runs_dir: str, cache_dir: str) -> list[RunSpec]:
+    """The concept x method grid as RunSpecs (every method file validated before anything runs)."""
+    specs, problems = [], []
+    for method in config.methods:
+        try:
+            specs += resolve_runs(config.experiment(method, runs_dir, cache_dir), base_dir)
+        except ConfigError as e:
+            problems += [f"{method}: {p}" for p in e.problems]
+    if problems:
+        raise ConfigError("batch config", problems)
+    return specs

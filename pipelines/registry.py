@@ -1,0 +1,66 @@
+"""A finished run as an MLflow model: a pyfunc that loads the base model by its id or uri, applies the run's
+learned state (placeholder rows, trained UNet modules; safetensors only) and generates images from prompts.
+
+    model = mlflow.pyfunc.load_model("models:/<experiment>.<concept>@champion")
+    frame = model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [0]}))  # '{}' = the subject
+    image = PIL.Image.open(io.BytesIO(base64.b64decode(frame["image_png"][0])))
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+
+LEARNED_FILES = ("DONE.json", "config.resolved.json", "placeholders.json", "learned_embeds.safetensors", "unet.safetensors")
+
+
+class PersonalizedModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from personalize.sampling import LoadedRun
+
+        self.run = LoadedRun(context.artifacts["run"])
+        self.pipe = self.run.pipeline(self.run.spec.method.evaluation.scheduler)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from personalize.sampling import generate
+
+        params = params or {}
+        protocol = self.run.spec.method.evaluation
+        prompts = [self.run.fill(p) for p in model_input["prompt"]]
+        seeds = list(model_input["seed"]) if "seed" in model_input else list(range(len(prompts)))
+        images = generate(self.pipe, prompts, seeds, self.run.spec.resolution, int(params.get("steps", protocol.steps)),
+                          float(params.get("guidance_scale", protocol.guidance_scale)))
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image_png": encoded})
+
+
+def learned_folder(run_dir: Path, target: Path) -> Path:
+    """The files a run needs on top of its base model (no checkpoints, no latents)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in LEARNED_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, target / name)
+    return target
+
+
+def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> str:
+    """Log the pyfunc into the child run and register it; returns the new model version."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True):
+        folder = learned_folder(Path(run_dir), Path(tmp) / "run")
+        info = mlflow.pyfunc.log_model(
+            name="personalized", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"run": str(folder)},
+            registered_model_name=registered_name, pip_requirements=["torch", "diffusers", "transformers", "safetensors"],
+        )
+    return str(info.registered_model_version)

@@ -1,0 +1,34 @@
+"""The batch's results table: one row per (concept, method) with status, reason, stage durations, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["concept", "method", "status", "reason", "train_seconds", "stage_seconds", "clip_t", "clip_i", "dino", "run_dir", "report"]
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values(["concept", "method"]).reset_index(drop=True)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    lines = ["| concept | method | status | stages (s) | CLIP-T | CLIP-I | DINO | reason |", "|---|---|---|---|---|---|---|---|"]
+    for r in frame.itertuples():
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in json.loads(r.stage_seconds or "{}").items())
+        metric = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
+        reason = (r.reason or "").replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r.concept} | {r.method} | {r.status} | {stages} | {metric(r.clip_t)} | {metric(r.clip_i)} | "
+                     f"{metric(r.dino)} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(frame: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"parquet": folder / "results.parquet", "markdown": folder / "results.md"}
+    frame.to_parquet(paths["parquet"], index=False)
+    paths["markdown"].write_text(to_markdown(frame))
+    return paths

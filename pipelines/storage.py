@@ -1,0 +1,63 @@
+"""The batch's storage root: a local folder, or s3://bucket/prefix mirrored to a local folder.
+
+Training writes run folders locally (torch saves files); with an s3 root, finished folders are uploaded with
+their done marker last, finished work is found there on resubmission, and Ray Train keeps its stage
+checkpoints on s3 directly (pyarrow's S3 filesystem with an explicit endpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from personalize import storage
+
+
+class StorageRoot:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.remote = storage.is_s3(root)
+        self.local_root = storage.local_mirror(self.root) if self.remote else Path(root).expanduser().resolve()
+
+    def local(self, *parts: str) -> Path:
+        return self.local_root.joinpath(*parts)
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) if self.remote else str(self.local(*parts))
+
+    def relative(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.local_root.resolve()).as_posix()
+
+    def pull(self, rel: str, marker: str | None = None) -> bool:
+        """Bring a finished remote folder down (True if there was one); a local root has nothing to pull."""
+        if not self.remote:
+            return False
+        if marker and not storage.exists(f"{self.uri(rel)}/{marker}"):
+            return False
+        try:
+            storage.download_prefix(self.uri(rel), self.local(rel), marker)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def push(self, rel: str, marker: str | None = None) -> None:
+        if self.remote and self.local(rel).exists():
+            storage.upload_dir(self.local(rel), self.uri(rel), marker)
+
+    def ray_storage(self) -> tuple[str, object | None]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+        if not self.remote:
+            return str(self.local("ray")), None
+        return f"{self.root.removeprefix(storage.S3)}/ray", s3_filesystem()
+
+
+def s3_filesystem():
+    """pyarrow's S3 filesystem with the endpoint passed explicitly (a bare S3FileSystem() ignores the
+    AWS_ENDPOINT_URL variables); credentials come from the environment or the instance role."""
+    import pyarrow.fs
+
+    endpoint = storage.endpoint_url()
+    kwargs = {"region": "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    return pyarrow.fs.S3FileSystem(**kwargs)

@@ -1,0 +1,170 @@
+"""Ray Train wiring: one TorchTrainer per (concept, method) run around `personalize.stages.run_method`.
+
+Every stage end is reported as a Ray checkpoint under a stable run name, so a restarted worker (FailureConfig)
+or a resubmitted batch resumes from the last stage checkpoint. Bad input fails the run with its reason and is
+not retried; a finished run (DONE.json with the same config hash) is never started again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from personalize.config import RunSpec
+from personalize.errors import ConceptError, ConfigError, RunStateError
+from personalize.runlog import read_done
+from pipelines.redaction import redact
+
+log = logging.getLogger(__name__)
+FAILED = "FAILED.json"
+
+
+class RaySink:
+    """Reports losses to Ray Train every step and each stage-end checkpoint (from rank 0)."""
+
+    def __init__(self, extra_sink=None):
+        self.extra = extra_sink
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ray.train.report({**metrics, "global_step": step})
+        if self.extra is not None:
+            self.extra.log_metrics(metrics, step)
+
+    def stage_finished(self, index: int, stage, checkpoint: Path, seconds: float) -> None:
+        metrics = {"stage_index": index, f"stage_seconds/{stage.name}": seconds}
+        if ray.train.get_context().get_world_rank() == 0:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=checkpoint.name)
+        else:
+            ray.train.report(metrics)
+        if self.extra is not None:
+            self.extra.stage_finished(index, stage, checkpoint, seconds)
+
+
+def restore_from_ray(spec: RunSpec) -> None:
+    """After a worker restart, put the last reported stage checkpoint back into the run folder if it is missing."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as source:
+        target = spec.run_dir / "checkpoints" / Path(source).name
+        if not (target / "cursor.json").is_file():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+            log.info("restored %s from the Ray checkpoint", target)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from personalize.runlog import DONE
+    from personalize.stages import run_method
+    from pipelines.storage import StorageRoot
+
+    spec = RunSpec.model_validate_json(config["spec"])
+    root = StorageRoot(config["storage"])
+    rank = ray.train.get_context().get_world_rank()
+    restore_from_ray(spec)
+    sink = None
+    if config.get("tracking"):
+        from pipelines.tracking import RunTracker
+
+        sink = RunTracker.for_worker(config["tracking"], spec)
+    try:
+        run_method(spec, sink=RaySink(sink), progress=False, resume=True)
+        if rank == 0:
+            root.push(root.relative(spec.run_dir), marker=DONE)  # an s3 root gets the finished folder, marker last
+        if sink is not None:
+            sink.finish(spec.run_dir, "FINISHED")
+    except (ConceptError, ConfigError, RunStateError) as e:  # bad input: fail this run, never retry it
+        if rank == 0:
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            (spec.run_dir / FAILED).write_text(json.dumps({"reason": str(e), "config_hash": spec.config_hash()}))
+            if sink is not None:
+                sink.finish(spec.run_dir, "FAILED", str(e))
+
+
+def run_name(spec: RunSpec) -> str:
+    return f"{spec.concept.id}--{spec.method.name}--{spec.config_hash()}"
+
+
+@dataclass
+class TrainOutcome:
+    spec: RunSpec
+    status: str  # finished | skipped | failed
+    reason: str = ""
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+
+
+@ray.remote(num_cpus=0.1, max_retries=0)
+def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: dict, tracking: dict | None) -> str | None:
+    from pipelines.storage import StorageRoot
+
+    spec = RunSpec.model_validate_json(spec_json)
+    storage_path, filesystem = StorageRoot(storage).ray_storage()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec_json, "tracking": tracking, "storage": storage},
+        scaling_config=ScalingConfig(**scaling),
+        run_config=RunConfig(
+            name=run_name(spec), storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    try:
+        trainer.fit()
+        return None
+    except Exception as e:  # the run failed for good (all restarts used): report, do not take the batch down
+        return f"{type(e).__name__}: {e}"
+
+
+def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome:
+    done = read_done(spec.run_dir)
+    if done is not None:
+        stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
+        return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stages)
+    failed = spec.run_dir / FAILED
+    if failed.is_file():
+        return TrainOutcome(spec, "failed", json.loads(failed.read_text())["reason"], seconds)
+    return TrainOutcome(spec, "failed", error or "training ended without finishing", seconds)
+
+
+def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
+               env: dict, tracking: dict | None = None) -> list[TrainOutcome]:
+    """Train every run, at most `concurrency` at a time; finished ones are skipped without starting anything."""
+    from personalize.runlog import DONE
+    from pipelines.storage import StorageRoot
+
+    root = StorageRoot(storage)
+    outcomes, pending = [], []
+    for spec in specs:
+        if read_done(spec.run_dir) is None:
+            root.pull(root.relative(spec.run_dir), marker=DONE)  # finished on s3 by an earlier submission?
+        done = read_done(spec.run_dir)
+        if done is not None and done["config_hash"] == spec.config_hash():
+            stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
+            outcomes.append(TrainOutcome(spec, "skipped", "already finished", 0.0, stages))
+        else:
+            (spec.run_dir / FAILED).unlink(missing_ok=True)  # a resubmission retries runs that failed before
+            pending.append(spec)
+    inflight: dict = {}
+    while pending or inflight:
+        while pending and len(inflight) < concurrency:
+            spec = pending.pop(0)
+            log.info("training %s / %s", spec.concept.id, spec.method.name)
+            ref = _fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
+            inflight[ref] = (spec, time.perf_counter())
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        spec, began = inflight.pop(ready[0])
+        outcome = outcome_of(spec, ray.get(ready[0]), time.perf_counter() - began)
+        log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,106 @@
+"""End to end, as a user runs it: `personalize stack up` (SeaweedFS, MLflow server, Ray head on 127.0.0.1),
+`ray job submit ... -- personalize batch` with S3 storage and tracking, the results table in S3, the MLflow UI
+in a real (headless) browser, and `personalize stack down` leaving none of our processes behind."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.stack import Ports, Stack
+from tests.conftest import draw_concept
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def our_processes(folder: Path) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in cmd and int(proc.name) != os.getpid():
+                found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+@pytest.fixture
+def stack(tmp_path):
+    stack = Stack(tmp_path / "stack", Ports.offset(3333))
+    began = time.perf_counter()
+    stack.up(timeout=240)
+    first = time.perf_counter() - began
+    pids = {name: stack._alive(name) for name in ("seaweedfs", "mlflow", "ray")}
+    stack.up()  # a second `up` is harmless: same processes, still healthy
+    assert {name: stack._alive(name) for name in pids} == pids
+    (tmp_path / "stack-up-seconds.txt").write_text(f"{first:.1f}\n")
+    yield stack
+    stack.down()
+    assert our_processes(stack.folder) == []
+    assert all(v.startswith("down") for v in stack.status().values())
+
+
+def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_model, tmp_path):
+    from personalize import storage
+
+    env = stack.client_env()
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")})
+    for name in ("ball", "box"):
+        storage.upload_dir(draw_concept(tmp_path / name, n=3, seed=len(name)), f"s3://personalize/e2e/concepts/{name}")
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "batch.yaml").write_text(yaml.safe_dump({
+        "name": "e2e", "model": str(tiny_model), "methods": ["textual_inversion", "rare_two_stage"],
+        "concepts": [{"id": n, "images": f"s3://personalize/e2e/concepts/{n}", "super_category": n} for n in ("ball", "box")],
+        "storage": "s3://personalize/e2e/store", "resolution": 64, "latent_variants": 1,
+        "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
+        "method_overrides": {"textual_inversion": {"stages.embedding.steps": 2, "stages.embedding.batch_size": 1},
+                             "rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
+        "evaluation": None, "resources": {"max_concurrent_runs": 2}, "tracking": {"experiment": "e2e"},
+    }))
+    submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
+              "--working-dir", str(job), "--", sys.executable, "-m", "pipelines.batch", "batch.yaml"]
+    done = subprocess.run(submit, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    results = storage.read_bytes("s3://personalize/e2e/store/results/results.md").decode()
+    for concept in ("ball", "box"):
+        for method in ("textual_inversion", "rare_two_stage"):
+            assert f"| {concept} | {method} | finished |" in results
+    assert storage.exists("s3://personalize/e2e/store/runs/ball/textual_inversion/DONE.json")
+    assert storage.exists("s3://personalize/e2e/store/runs/box/rare_two_stage/unet.safetensors")
+    artifacts = [k for k, _ in storage.list_keys("s3://mlflow/artifacts")]
+    assert any(k.endswith("learned/learned_embeds.safetensors") for k in artifacts)  # MLflow artifacts live in SeaweedFS
+    check_mlflow_ui(env["MLFLOW_TRACKING_URI"], tmp_path / "mlflow-ui.png")
+
+
+def check_mlflow_ui(url: str, screenshot: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is not installed (make test installs it)"
+    experiment = MlflowClient(url).get_experiment_by_name("e2e")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}", wait_until="networkidle")
+        page.get_by_text("e2e", exact=True).first.wait_for(timeout=30_000)
+        expand = page.locator("[data-testid='runs-table'] button[aria-label*='xpand'], button[aria-label*='Expand']")
+        for i in range(expand.count()):
+            expand.nth(i).click()
+        for name in ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage"):
+            page.get_by_text(name).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(screenshot), full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    assert "train/" in text or "Metrics" in text

@@ -1,0 +1,55 @@
+"""The committed world models: they load the standard ways, follow prompts, and the world CLIP and identity
+encoder measure what they should. Small fresh samples, fast enough for CI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from microworld.checks import identity_retrieval, prompt_following, zero_shot_accuracy
+from personalize.metrics import ClipScorer, DinoScorer
+
+MODELS = Path(__file__).resolve().parents[2] / "models" / "microworld"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return ClipScorer(str(MODELS / "clip"))
+
+
+def test_weights_are_small_and_safetensors_only():
+    files = list(MODELS.rglob("*"))
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    model = sum(f.stat().st_size for f in (MODELS / "model").rglob("*.safetensors"))
+    assert model <= 20e6
+
+
+def test_the_base_model_loads_with_a_plain_diffusers_call():
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS / "model"))
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert len(pipe.tokenizer) == 49408 and pipe.vae_scale_factor == 4
+    image = pipe("a photo of a red star on the beach", num_inference_steps=4, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_samples_follow_their_prompts(clip):
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS / "model"))
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    scores, _ = prompt_following(pipe, clip, per_colour=2, steps=20)
+    assert scores["colour"] >= 0.8, scores  # 8 colours: chance is 12.5 %
+    assert scores["scene"] >= 0.5, scores  # 6 scenes: chance is 16.7 %
+
+
+def test_world_clip_zero_shot(clip):
+    accuracy = zero_shot_accuracy(clip, count=120)
+    assert min(accuracy.values()) >= 0.9, accuracy
+
+
+def test_identity_encoder_tells_the_held_out_concepts_apart():
+    assert identity_retrieval(DinoScorer(str(MODELS / "identity")), count=3) >= 0.8

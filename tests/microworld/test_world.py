@@ -1,0 +1,59 @@
+"""The micro world: a deterministic renderer whose captions parse back into their labels, held-out concepts
+the training distribution never shows."""
+
+import random
+
+import pytest
+
+from microworld.concepts import CONCEPTS, photos, write_concepts, write_pair
+from microworld.world import (
+    COLOURS, PATTERNS, SCENES, SHAPES, STYLES, Caption, Scene, caption, parse_caption, random_scene, render, training_caption,
+)
+from personalize.config import load_manifest
+
+
+def test_the_world_has_the_promised_variety():
+    assert len(SHAPES) >= 6 and len(COLOURS) >= 8 and len(PATTERNS) >= 4 and len(SCENES) >= 6
+    assert {"photo", "sketch", "blurry"} <= set(STYLES)
+
+
+def test_rendering_is_deterministic_per_seed():
+    a, b, c = render(random_scene(7)), render(random_scene(7)), render(random_scene(8))
+    assert a.size == (64, 64) and a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_captions_parse_back_into_their_labels():
+    rng = random.Random(0)
+    for seed in range(300):
+        scene = random_scene(seed)
+        t = scene.thing
+        full = parse_caption(caption(scene))
+        assert full == Caption(scene.style, t.colour, t.pattern, t.shape, scene.scene)
+        short = parse_caption(training_caption(scene, rng))
+        assert short.shape == t.shape and short.style == scene.style
+        assert short.colour in (None, t.colour) and short.scene in (None, scene.scene)
+    assert caption(Scene(random_scene(1).thing.__class__("circle", "orange", "plain"), "beach")) == "a photo of an orange circle on the beach"
+    with pytest.raises(ValueError):
+        parse_caption("a photo of a dog")
+
+
+def test_held_out_concepts_look_like_nothing_in_training():
+    assert len(CONCEPTS) >= 8 and {c.kind for c in CONCEPTS} == {"object", "animate"}
+    for concept in CONCEPTS:
+        assert concept.pattern_colour is not None or concept.mark != "none"  # training objects have neither
+        assert concept.shape in SHAPES
+        shots = photos(concept, 5)
+        assert len({s.scene for s in shots}) == 5 and len({s.thing.angle for s in shots}) == 5
+        assert all(s.thing.shape == concept.shape and s.thing.pattern_colour == concept.pattern_colour for s in shots)
+    training = [random_scene(s).thing for s in range(500)]
+    assert all(t.pattern_colour is None and t.mark == "none" for t in training)
+
+
+def test_written_concepts_load_as_a_manifest_with_masks(tmp_path):
+    manifest = write_concepts(tmp_path, CONCEPTS[:2], count=4)
+    concepts = load_manifest(manifest)
+    assert [c.id for c in concepts] == ["zebra-star", "berry-heart"]
+    assert concepts[0].super_category == "star" and len(list((tmp_path / "zebra-star").glob("*.png"))) == 4
+    assert concepts[0].masks == str(tmp_path / "zebra-star-masks")
+    row = write_pair(tmp_path, CONCEPTS[0], CONCEPTS[1])
+    assert [s["super_category"] for s in row["subjects"]] == ["star", "heart"]

@@ -1,0 +1,78 @@
+"""A local Ray for the pipeline tests (one per session: starting Ray costs seconds), and batch configs."""
+
+import os
+
+import pytest
+import yaml
+
+from tests.conftest import draw_concept
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    from pipelines.cluster import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    connect(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory):
+    """Small random CLIP and DINO folders (built by the test, like the evaluation tests' encoders)."""
+    import open_clip
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from personalize.metrics import save_open_clip
+
+    root = tmp_path_factory.mktemp("scorers")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    save_open_clip(open_clip.CLIP(**cfg), cfg, root / "clip")
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32, intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> str:
+    concepts = concepts or [{"id": "ball", "images": str(draw_concept(folder / "ball", n=3)), "super_category": "ball"}]
+    config = {
+        "name": "test-batch", "model": str(tiny_model), "methods": ["textual_inversion", "rare_two_stage"],
+        "concepts": concepts, "storage": str(storage), "resolution": 64, "latent_variants": 1,
+        "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
+        "method_overrides": {"textual_inversion": {"stages.embedding.steps": 3, "stages.embedding.batch_size": 1},
+                             "rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
+        "evaluation": {"prompts": "personalize_eval", "samples": 1, "steps": 1, "clip": str(scorers[0]), "dino": str(scorers[1])},
+        "resources": {"max_concurrent_runs": 2},
+        "tracking": {"enabled": False},
+    }
+    for key, value in extra.items():
+        config[key] = value
+    path = folder / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback (ports shifted so a running stack is not disturbed)."""
+    from pipelines.stack import Ports, Stack
+
+    stack = Stack(tmp_path_factory.mktemp("seaweed"), Ports.offset(1111))
+    stack.up(only=("seaweedfs",), timeout=120)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")}
+    env = stack.client_env()
+    for key in saved:
+        os.environ[key] = env[key]
+    yield stack
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    stack.down()
