@@ -44,16 +44,33 @@ class LossSpec(BaseModel):
 
 
 class NormLockSpec(Strict):
-    """Freeze the placeholder rows' norms: record after update `start`, rescale after updates start+1..end."""
+    """Freeze the placeholder rows' norms: record them after update `start`, rescale after updates start+1..end.
+    Give steps (start, end) or fractions of the stage (start_fraction, end_fraction): fractions follow the
+    stage when its length is overridden or searched."""
 
-    start: int = Field(ge=1)
-    end: int
+    start: int | None = Field(default=None, ge=1)
+    end: int | None = None
+    start_fraction: float | None = Field(default=None, gt=0, lt=1)
+    end_fraction: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> NormLockSpec:
-        if self.end <= self.start:
-            raise ValueError(f"end ({self.end}) must be greater than start ({self.start})")
+    def _one_form(self) -> NormLockSpec:
+        steps = self.start is not None and self.end is not None
+        fractions = self.start_fraction is not None and self.end_fraction is not None
+        if steps == fractions or (steps and (self.start_fraction or self.end_fraction)) or \
+                (fractions and (self.start or self.end)):
+            raise ValueError("give either start and end (steps) or start_fraction and end_fraction")
+        low, high = (self.start, self.end) if steps else (self.start_fraction, self.end_fraction)
+        if high <= low:
+            raise ValueError(f"the window must end after it starts (got {low} .. {high})")
         return self
+
+    def window(self, steps: int) -> tuple[int, int]:
+        """The (record, last rescale) update numbers for a stage of `steps` updates."""
+        if self.start is not None:
+            return self.start, self.end
+        start = max(1, round(self.start_fraction * steps))
+        return start, max(start + 1, round(self.end_fraction * steps))
 
 
 class StageSpec(Strict):
@@ -98,9 +115,9 @@ class StageSpec(Strict):
         if lock is not None:
             if "placeholder" not in self.trainable:
                 raise ValueError("embedding_norm_lock needs the placeholder among the trainable parts")
-            if lock.end > self.steps:
-                raise ValueError(f"embedding_norm_lock.end ({lock.end}) is beyond the stage's {self.steps} steps: "
-                                 "shorten the window too (or use steps_scale, which scales both)")
+            if lock.window(self.steps)[1] > self.steps:
+                raise ValueError(f"embedding_norm_lock ends at update {lock.window(self.steps)[1]}, beyond the stage's "
+                                 f"{self.steps} steps: shorten the window too, or give it as start_fraction/end_fraction")
         for text in ([self.prompt] if isinstance(self.prompt, str) else self.prompt or []):
             check_template(text, PROMPT_FIELDS)
         return self
@@ -269,6 +286,7 @@ class SampleSpec(Strict):
     guidance_scale: float = 7.5
     scheduler: Literal["ddim", "dpm"] = "ddim"
     heatmaps: bool = True  # attention heat maps of the subject tokens after every stage
+    every_stage: bool = True  # also a grid after every stage (samples/stage-<i>-<name>.png), not only at the end
 
 
 class ExperimentConfig(Strict):
@@ -493,9 +511,10 @@ def scale_steps(method: MethodSpec, scale: float) -> MethodSpec:
 
     def stage(s: StageSpec) -> StageSpec:
         update = {"steps": scaled(s.steps), "warmup_steps": round(s.warmup_steps * scale)}
-        if s.embedding_norm_lock:
-            start = scaled(s.embedding_norm_lock.start)
-            update["embedding_norm_lock"] = NormLockSpec(start=start, end=max(start + 1, scaled(s.embedding_norm_lock.end)))
+        lock = s.embedding_norm_lock
+        if lock is not None and lock.start is not None:  # a window in steps shrinks with the stage
+            start = scaled(lock.start)
+            update["embedding_norm_lock"] = NormLockSpec(start=start, end=max(start + 1, scaled(lock.end)))
         return s.model_copy(update=update)
 
     return method.model_copy(update={"stages": [stage(s) for s in method.stages]})

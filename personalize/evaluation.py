@@ -191,7 +191,8 @@ def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, sco
         "text_mode": settings.text_mode, "exclude_tags": settings.exclude_tags, "clip_model": settings.clip,
         "dino_model": settings.dino, **protocol(spec, settings),
     }
-    write_run_report(tmp, Path(run_dir), metrics, scored, images)
+    references = load_concept_images(spec.concept.id, spec.concept.images, resolution=0)
+    write_run_report(tmp, Path(run_dir), metrics, scored, images, references)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return RunEvaluation(Path(run_dir), folder, metrics, scored)
@@ -210,3 +211,17 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
     scorers = scorers or Scorers(settings.clip, settings.dino, "cpu" if run.device.type == "cpu" else str(run.device))
     scored = scorers.score(images, rows, scorers.reference(run.spec))
     return write_evaluation(run.run_dir, run.spec, settings, scored, images)
+
+
+def evaluate_in_training(ctx, settings: EvaluationSpec, scorers: Scorers, max_prompts: int | None = None) -> dict:
+    """A cheap evaluation of a run still in memory (e.g. at a stage boundary): the first `max_prompts` prompts of
+    the set, sampled with the current weights, scored, aggregated. Nothing is written."""
+    rows = eval_rows(ctx.spec, ctx.subject, ctx.placeholders.strings, settings)
+    if max_prompts is not None:
+        rows = [r for r in rows if r.prompt_index < max_prompts]
+    sampling = protocol(ctx.spec, settings)
+    from personalize.sampling import build_pipeline
+
+    images = generate(build_pipeline(ctx.components, sampling["scheduler"]), [r.prompt for r in rows], [r.seed for r in rows],
+                      ctx.spec.resolution, sampling["steps"], sampling["guidance_scale"], settings.batch_size, sampling["eta"])
+    return aggregate(scorers.score(images, rows, scorers.reference(ctx.spec)), settings.exclude_tags)

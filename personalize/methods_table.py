@@ -22,7 +22,8 @@ def method_table(method: MethodSpec) -> str:
         if stage.use_class_prior:
             extras.append("class prior")
         if stage.embedding_norm_lock:
-            extras.append(f"norm lock {stage.embedding_norm_lock.start}-{stage.embedding_norm_lock.end}")
+            start, end = stage.embedding_norm_lock.window(stage.steps)
+            extras.append(f"norm lock {start}-{end}")
         batch = f"{stage.batch_size}" + (f"x{stage.grad_accum}" if stage.grad_accum > 1 else "")
         rows.append((label, ", ".join(stage.trainable), str(stage.steps), f"{stage.lr:g}", batch,
                      _losses(stage) + (f" [{'; '.join(extras)}]" if extras else "")))

@@ -66,6 +66,9 @@ class ClipScorer:
             ident = f"local-dir:{path}"
             model, _, preprocess = open_clip.create_model_and_transforms(ident)
             tokenizer = open_clip.get_tokenizer(ident)
+        elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+            raise ModelUnavailableError(name, "no such folder", "Pass an existing folder written by save_open_clip, "
+                                        "or ARCH/TAG from open_clip.list_pretrained().")
         else:
             arch, _, tag = name.partition("/")
             model, preprocess, tokenizer = _hub_clip(open_clip, arch, tag, name)

@@ -26,8 +26,14 @@ def write_scores(folder: Path, scored: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def write_run_report(folder: Path, run_dir: Path, metrics: dict, scored: list[dict], images: list[Image.Image]) -> None:
+def write_run_report(folder: Path, run_dir: Path, metrics: dict, scored: list[dict], images: list[Image.Image],
+                     references: list[Image.Image] | None = None) -> None:
     write_scores(folder, scored)
+    reference_html = "<p>none</p>"
+    if references:
+        side = images[0].size[0] if images else 128
+        image_grid([r.convert("RGB").resize((side, side)) for r in references], len(references)).save(folder / "references.png")
+        reference_html = "<p><img src='references.png' class='grid'></p>"
     (folder / "grids").mkdir(exist_ok=True)
     prompts: dict[int, list[int]] = {}
     for i, row in enumerate(scored):
@@ -53,7 +59,8 @@ def write_run_report(folder: Path, run_dir: Path, metrics: dict, scored: list[di
         f"{html.escape(metrics['method'])}</title><style>body{{font-family:sans-serif;margin:2em}} img.grid{{image-rendering:pixelated;"
         f"height:128px}} td{{padding:2px 10px}}</style></head><body><h1>{html.escape(metrics['concept'])} &mdash; "
         f"{html.escape(metrics['method'])}</h1><p>Scores are {SCALE}s. CLIP-T: image vs prompt text; CLIP-I and DINO: mean "
-        f"over all generated x real image pairs.</p><table>{table}</table><h2>Attention heat maps</h2>{heat_html}"
+        f"over all generated x real image pairs.</p><table>{table}</table><h2>Reference photos</h2>{reference_html}"
+        f"<h2>Attention heat maps</h2>{heat_html}"
         f"<h2>Samples</h2>{''.join(sections)}</body></html>"
     )
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))  # last: marks the folder complete

@@ -60,14 +60,17 @@ class InjectedFault(RuntimeError):
 
 
 def maybe_inject_fault(stage: str, step: int) -> None:
-    """PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file> raises once at that step (tests of recovery)."""
+    """Test-only settings: PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file> raises once at that step (tests of
+    recovery); PERSONALIZE_INJECT_HANG=<stage>:<step> blocks there (tests of time limits)."""
     setting = os.environ.get("PERSONALIZE_INJECT_FAULT")
-    if not setting:
-        return
-    name, at, marker = setting.split(":", 2)
-    if name == stage and int(at) == step and not Path(marker).exists():
-        Path(marker).write_text("fault injected\n")
-        raise InjectedFault(f"injected fault at {stage} step {step}")
+    if setting:
+        name, at, marker = setting.split(":", 2)
+        if name == stage and int(at) == step and not Path(marker).exists():
+            Path(marker).write_text("fault injected\n")
+            raise InjectedFault(f"injected fault at {stage} step {step}")
+    hang = os.environ.get("PERSONALIZE_INJECT_HANG")
+    if hang and hang == f"{stage}:{step}":
+        time.sleep(24 * 3600)
 
 
 def lr_at(stage: StageSpec, step: int) -> float:
@@ -88,16 +91,17 @@ class NormLock:
     norm; after updates start+1 .. end rescale the row back to it. Outside that window the norm is free."""
 
     def __init__(self, stage: StageSpec, state: dict):
-        self.window = stage.embedding_norm_lock
+        self.window = stage.embedding_norm_lock.window(stage.steps) if stage.embedding_norm_lock else None
         self.norms = torch.tensor(state["norms"]) if "norms" in state else None
 
     def after_update(self, rows: torch.nn.Parameter, step: int) -> None:
         if self.window is None:
             return
         with torch.no_grad():
-            if step == self.window.start:
+            start, end = self.window
+            if step == start:
                 self.norms = rows.norm(dim=-1).detach().cpu()
-            elif self.window.start < step <= self.window.end and self.norms is not None:
+            elif start < step <= end and self.norms is not None:
                 target = self.norms.to(rows.device)
                 rows.mul_((target / rows.norm(dim=-1)).unsqueeze(-1))
 
@@ -251,6 +255,9 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         sink.stage_finished(index, stage, path, result.seconds)
         if spec.samples.heatmaps and main:
             write_stage_heatmaps(ctx, index, stage.name)
+        if spec.samples.every_stage and main and index < len(stages) - 1:  # the last one is samples.png
+            (run_dir / "samples").mkdir(exist_ok=True)
+            write_sample_grid(ctx, run_dir / "samples" / f"stage-{index:02d}-{stage.name}.png")
         if on_stage_end is not None:
             on_stage_end(ctx, index, stage)
         results.append(result)

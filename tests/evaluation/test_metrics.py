@@ -72,3 +72,8 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ModelUnavailableError, match="open_clip_model.safetensors"):
         ClipScorer(str(tmp_path))
+
+
+def test_a_missing_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ModelUnavailableError, match=r"no such folder.*save_open_clip"):
+        ClipScorer(str(tmp_path / "absent" / "clip"))

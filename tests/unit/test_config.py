@@ -54,7 +54,7 @@ def test_method_numbers_are_the_papers():
     assert [s.losses["attn_mean_var_reg"].params for s in adb.stages] == [
         {"mu": 0.1, "var": 0.0}, {"mu": 2.0, "var": 5.0}, {"mu": 2.0, "var": 5.0}]
     core = load_method("core")
-    assert core.stages[0].embedding_norm_lock.start == 120 and core.stages[0].embedding_norm_lock.end == 180
+    assert core.stages[0].embedding_norm_lock.window(300) == (120, 180)
     assert core.stages[0].losses["core_context_embedding"].weight == 1.5e-4
     assert core.test_time.steps == 10 and core.test_time.lr == 5e-4
     db = load_method("dreambooth")
@@ -172,5 +172,21 @@ def test_steps_scale_shortens_every_stage_and_the_norm_lock_window():
 
     core = scale_steps(load_method("core"), 0.1)
     assert [s.steps for s in core.stages] == [30, 100]
-    lock = core.stages[0].embedding_norm_lock
-    assert (lock.start, lock.end) == (12, 18)
+    assert core.stages[0].embedding_norm_lock.window(30) == (12, 18)  # fractions follow the stage
+    searched = load_method("core", {"stages.embedding.steps": 50})
+    assert searched.stages[0].embedding_norm_lock.window(50) == (20, 30)
+
+
+def test_norm_lock_windows_in_steps_or_fractions():
+    from pydantic import ValidationError
+
+    from personalize.config import NormLockSpec
+
+    assert NormLockSpec(start=3, end=6).window(100) == (3, 6)
+    assert NormLockSpec(start_fraction=0.4, end_fraction=0.6).window(10) == (4, 6)
+    for bad in ({}, {"start": 3}, {"start": 3, "end": 6, "start_fraction": 0.1, "end_fraction": 0.2},
+                {"start": 6, "end": 3}, {"start_fraction": 0.6, "end_fraction": 0.4}):
+        with pytest.raises(ValidationError):
+            NormLockSpec(**bad)
+    with pytest.raises(ConfigError, match="beyond the stage's 100 steps"):
+        load_method("core", {"stages.embedding.embedding_norm_lock": {"start": 120, "end": 180}, "stages.embedding.steps": 100})
