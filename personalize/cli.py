@@ -16,6 +16,12 @@ def _batch(argv: list[str]) -> int:
     return batch_main(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from tuning.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 def _stack(argv: list[str]) -> int:
     from pipelines.stack import main as stack_main
 
@@ -138,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda args: _batch(args.rest))
+
+    p = sub.add_parser("sweep", help="Ray Tune over stage lengths, learning rates and loss weights of one method",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _sweep(args.rest))
 
     p = sub.add_parser("stack", help="the local stack on 127.0.0.1: SeaweedFS (S3), MLflow server, Ray head",
                        add_help=False)

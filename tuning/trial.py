@@ -1,0 +1,144 @@
+"""One Tune trial: the sampled overrides applied to the batch's single-run training, run by a Ray Train
+TorchTrainer inside the trial. Every stage boundary of every concept reports a cheap evaluation (a few
+prompts and seeds) so ASHA can stop weak trials between stages; the last report is the full evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from personalize.config import EvaluationSpec, RunSpec, split_overrides
+
+log = logging.getLogger(__name__)
+TIMED_OUT = "TIMED_OUT"
+
+
+def objective(metrics: dict, weights: dict[str, float]) -> float:
+    """The scalar a scheduler ranks trials by: the weighted sum of evaluation scores."""
+    return float(sum(w * metrics[k] for k, w in weights.items()))
+
+
+def trial_specs(settings: dict, overrides: dict, trial_id: str) -> list[RunSpec]:
+    """The batch's runs for the one tuned method, with this trial's overrides, written under trials/<id>."""
+    from pipelines.config import BatchConfig, resolve_batch
+    from pipelines.storage import StorageRoot
+
+    batch = BatchConfig.model_validate_json(settings["batch"])
+    method_over, experiment_over = split_overrides(overrides)
+    method = batch.methods[0]
+    batch = batch.model_copy(update={**experiment_over, "method_overrides": {
+        method: {**batch.method_overrides.get(method, {}), **method_over}}})
+    root = StorageRoot(batch.storage)
+    runs = str(root.local("trials", trial_id, "runs"))
+    return resolve_batch(BatchConfig.model_validate(batch.model_dump()), Path(settings["base_dir"]), runs,
+                         str(root.local("cache")))
+
+
+def train_loop(config: dict) -> None:
+    """Inside the Train worker: every concept in turn, a report at each stage end, then the full evaluation."""
+    from personalize.evaluation import Scorers, evaluate_in_training, evaluate_run
+    from personalize.stages import run_method
+
+    specs = [RunSpec.model_validate_json(s) for s in config["specs"]]
+    stage_eval = EvaluationSpec.model_validate_json(config["stage_eval"])
+    final_eval = EvaluationSpec.model_validate_json(config["final_eval"])
+    weights = config["weights"]
+    scorers = Scorers(stage_eval.clip, stage_eval.dino, "cuda" if _cuda() else "cpu")
+    tracker = _tracker(config, specs[0])
+
+    for position, spec in enumerate(specs):
+        if tracker is not None and len(specs) > 1:
+            tracker.prefix = f"{spec.concept.id}/"
+
+        def report(ctx, index, stage, concept=position):
+            m = evaluate_in_training(ctx, stage_eval, scorers, config["stage_eval_prompts"])
+            ray.train.report({"phase": "stage", "concept_index": concept, "stage_index": index, "clip_t": m["clip_t"],
+                              "clip_i": m["clip_i"], "dino": m["dino"], "objective": objective(m, weights)})
+
+        run_method(spec, sink=tracker, progress=False, on_stage_end=report, resume=True)
+    finals = [evaluate_run(spec.run_dir, final_eval, scorers if final_eval.clip == stage_eval.clip else None, progress=False).metrics
+              for spec in specs]
+    mean = {k: sum(m[k] for m in finals) / len(finals) for k in ("clip_t", "clip_i", "dino")}
+    if tracker is not None:
+        tracker.prefix = ""
+        tracker.log_metrics({f"eval/{k}": v for k, v in mean.items()}, 0)
+        tracker.finish(specs[0].run_dir, "FINISHED")
+    ray.train.report({"phase": "final", "concept_index": len(specs), "stage_index": -1, **mean, "objective": objective(mean, weights)})
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tracker(config: dict, spec: RunSpec):
+    if not config.get("tracking"):
+        return None
+    from pipelines.tracking import RunTracker
+
+    trial_id = config["trial_id"]
+    return RunTracker(config["tracking"], spec, key=f"trial/{trial_id}", name=f"trial {trial_id}",
+                      extra_params={"overrides": config["overrides"]}, extra_tags={"trial_id": trial_id})
+
+
+def drain_tune_queue(timeout_s: float = 30.0) -> None:
+    """Wait until Tune has taken the last forwarded result: a trial that returns while TuneReportCallback is still
+    forwarding can deadlock (ray 2.60, both sides blocked on a size-1 queue)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        queue = getattr(get_session(), "_inter_actor_queue", None)
+    except Exception:  # the private session API moved: nothing to drain
+        return
+    deadline = time.time() + timeout_s
+    while queue is not None and not queue.empty() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+
+
+def trial(config: dict) -> None:
+    """The Tune trainable: a TorchTrainer for this trial's overrides, guarded by a wall-clock limit."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.storage import StorageRoot
+
+    settings, overrides = config["settings"], config["overrides"]
+    trial_id = ray.tune.get_context().get_trial_id()
+    specs = trial_specs(settings, overrides, trial_id)
+    root = StorageRoot(settings["storage"])
+    watchdog = threading.Timer(settings["trial_timeout_s"], _give_up, args=(root.local("trials", trial_id), settings["trial_timeout_s"]))
+    watchdog.daemon = True
+    watchdog.start()
+    storage_path, filesystem = root.ray_storage()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"specs": [s.model_dump_json() for s in specs], "stage_eval": settings["stage_eval"],
+                           "final_eval": settings["final_eval"], "weights": settings["weights"], "trial_id": trial_id,
+                           "stage_eval_prompts": settings["stage_eval_prompts"], "tracking": settings.get("tracking"),
+                           "overrides": overrides},
+        scaling_config=ScalingConfig(**settings["scaling"]),
+        run_config=RunConfig(name=f"{settings['name']}-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[TuneReportCallback()],
+                             worker_runtime_env={"env_vars": settings.get("env", {})}),
+    )
+    try:
+        trainer.fit()
+        drain_tune_queue()
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(folder: Path, limit: float) -> None:
+    """The trial has run past its limit: leave a note and end its process (its Train actors share its fate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TIMED_OUT).write_text(f"the trial ran longer than {limit:.0f} s and was stopped\n")
+    log.error("trial exceeded %.0f s; stopping it", limit)
+    os._exit(3)
