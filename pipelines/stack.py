@@ -8,6 +8,7 @@ groups). Credentials for the local S3 are generated once into .stack/env.sh (mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -117,11 +119,20 @@ class Stack:
         return [self._bin("mlflow"), "server", "--host", HOST, "--port", str(self.ports.mlflow), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts"]
 
+    @property
+    def ray_temp(self) -> Path:
+        """Ray's session folder holds Unix sockets, whose paths may not exceed 107 bytes: keep it short."""
+        digest = hashlib.sha1(str(self.folder).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"pz-ray-{digest}"
+
     def _ray(self) -> list[str]:
         p = self.ports
+        link = self.folder / "ray"
+        if not link.exists():
+            link.symlink_to(self.ray_temp, target_is_directory=True)  # logs under .stack/ray as for the other services
         return [self._bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p.ray}",
                 f"--dashboard-host={HOST}", f"--dashboard-port={p.dashboard}", "--include-dashboard=true",
-                f"--temp-dir={self.folder / 'ray'}", "--disable-usage-stats", "--num-cpus=4",
+                f"--temp-dir={self.ray_temp}", "--disable-usage-stats", "--num-cpus=4",
                 "--object-store-memory=1000000000", f"--min-worker-port={p.ray + 100}", f"--max-worker-port={p.ray + 400}"]
 
     def s3_healthy(self) -> bool:
@@ -231,7 +242,7 @@ class Stack:
 
     def _kill_leftover_ray(self) -> None:
         """Ray daemons outlive `ray start --block` if it is killed hard; they carry our temp dir in their command."""
-        marker = str(self.folder / "ray")
+        marker = str(self.ray_temp)
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue

@@ -43,11 +43,11 @@ class StorageRoot:
         if self.remote and self.local(rel).exists():
             storage.upload_dir(self.local(rel), self.uri(rel), marker)
 
-    def ray_storage(self) -> tuple[str, object | None]:
-        """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    def ray_storage(self, sub: str = "ray") -> tuple[str, object | None]:
+        """(storage_path, storage_filesystem) for Ray Train's or Ray Tune's RunConfig."""
         if not self.remote:
-            return str(self.local("ray")), None
-        return f"{self.root.removeprefix(storage.S3)}/ray", s3_filesystem()
+            return str(self.local(sub)), None
+        return f"{self.root.removeprefix(storage.S3)}/{sub}", s3_filesystem()
 
 
 def s3_filesystem():

@@ -98,10 +98,13 @@ def child_run(client, experiment: str, parent: str, key: str):
 class RunTracker:
     """A child run for one (concept, method) run; a Sink of `run_method` on Train rank 0."""
 
-    def __init__(self, settings: dict, spec):
+    def __init__(self, settings: dict, spec, key: str | None = None, name: str | None = None,
+                 extra_params: dict | None = None, extra_tags: dict | None = None):
+        """A child of the parent run, found again by `key` (a resumed or restarted run reuses it)."""
         self.client = _client(settings["uri"])
         self.settings = settings
-        key = run_key(spec)
+        self.prefix = ""
+        key = key or run_key(spec)
         existing = child_run(self.client, settings["experiment_id"], settings["parent_run_id"], key)
         if existing is not None:
             self.run_id = existing.info.run_id
@@ -109,10 +112,12 @@ class RunTracker:
         else:
             tags = {"mlflow.parentRunId": settings["parent_run_id"], RUN_KEY: key, "method": spec.method.name,
                     "concept": spec.concept.id, "model": redact(spec.model), "code_version": code_version(),
-                    "config_hash": spec.config_hash()}
-            run = self.client.create_run(settings["experiment_id"], tags=tags, run_name=f"{spec.concept.id} / {spec.method.name}")
+                    "config_hash": spec.config_hash(), **(extra_tags or {})}
+            run = self.client.create_run(settings["experiment_id"], tags=tags,
+                                         run_name=name or f"{spec.concept.id} / {spec.method.name}")
             self.run_id = run.info.run_id
-            self._log_params(flatten(spec.model_dump(mode="json", exclude={"output_dir", "prior_cache_dir", "latent_cache_dir"})))
+            params = flatten(spec.model_dump(mode="json", exclude={"output_dir", "prior_cache_dir", "latent_cache_dir"}))
+            self._log_params({**params, **flatten(extra_params or {})})
         self.buffer: list = []
 
     @classmethod
@@ -132,7 +137,7 @@ class RunTracker:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        self.buffer += [Metric(self.prefix + k, float(v), stamp, step) for k, v in metrics.items()]
         if len(self.buffer) >= self.settings.get("log_every", 10) * max(1, len(metrics)):
             self.flush()
 

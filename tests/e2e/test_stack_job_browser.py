@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def our_processes(folder: Path) -> list[str]:
+def our_processes(*markers: Path) -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -27,7 +27,7 @@ def our_processes(folder: Path) -> list[str]:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if str(folder) in cmd and int(proc.name) != os.getpid():
+            if any(str(m) in cmd for m in markers) and int(proc.name) != os.getpid():
                 found.append(f"{proc.name}: {cmd[:120]}")
     return found
 
@@ -44,7 +44,7 @@ def stack(tmp_path):
     (tmp_path / "stack-up-seconds.txt").write_text(f"{first:.1f}\n")
     yield stack
     stack.down()
-    assert our_processes(stack.folder) == []
+    assert our_processes(stack.folder, stack.ray_temp) == []
     assert all(v.startswith("down") for v in stack.status().values())
 
 

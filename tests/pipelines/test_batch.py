@@ -1,6 +1,9 @@
-"""The batch on a local Ray: good runs finish with artifacts and metrics, bad concepts are reported with their
-reason, a resubmission skips finished work, and a fault mid-run resumes from the last stage checkpoint."""
+"""The batch on a local Ray, tracked in a local MLflow store: good runs finish with artifacts and metrics, bad
+concepts are reported with their reason, the MLflow layout reads back as documented, secrets never leak, a
+resubmission trains nothing again, and a fault mid-run resumes from the last stage checkpoint."""
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -10,48 +13,155 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.batch import main
+from pipelines.redaction import redact
+from pipelines.tracking import BATCH_KEY, RUN_KEY, flatten
 from tests.conftest import draw_concept
 from tests.pipelines.conftest import batch_file
 
-
-def concepts(folder):
-    good = draw_concept(folder / "ball", n=3)
-    broken = draw_concept(folder / "broken", n=2)
-    (broken / "0.png").write_bytes((broken / "0.png").read_bytes()[:150])  # truncated file
-    (folder / "empty").mkdir()
-    return [{"id": "ball", "images": str(good), "super_category": "ball"},
-            {"id": "broken", "images": str(broken), "super_category": "ball"},
-            {"id": "empty", "images": str(folder / "empty"), "super_category": "box"}]
+FAKE_SECRET = "fake-secret-Zq81KkP0"
 
 
-def test_batch_finishes_good_runs_reports_bad_concepts_and_skips_finished_work(local_ray, tiny_model, tiny_scorers, tmp_path, capsys):
-    storage = tmp_path / "store"
-    config = batch_file(tmp_path, tiny_model, tiny_scorers, storage, concepts(tmp_path))
-    assert main([config]) == 0
-    frame = pd.read_parquet(storage / "results" / "results.parquet")
-    assert len(frame) == 6 and set(frame["status"]) == {"finished", "failed"}
+@pytest.fixture(scope="module")
+def tracked(local_ray, tiny_model, tiny_scorers, tmp_path_factory):
+    """One tracked batch: 3 concepts (one with a truncated image, one empty, its path holding a secret) x 2 methods."""
+    root = tmp_path_factory.mktemp("batch")
+    good = draw_concept(root / "ball", n=3)
+    broken = draw_concept(root / "broken", n=2)
+    (broken / "0.png").write_bytes((broken / "0.png").read_bytes()[:150])
+    (root / FAKE_SECRET / "empty").mkdir(parents=True)
+    concepts = [{"id": "ball", "images": str(good), "super_category": "ball"},
+                {"id": "broken", "images": str(broken), "super_category": "ball"},
+                {"id": "empty", "images": str(root / FAKE_SECRET / "empty"), "super_category": "box"}]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = batch_file(root, tiny_model, tiny_scorers, root / "store", concepts,
+                        samples={"steps": 1, "seeds": [0], "heatmaps": True},
+                        tracking={"enabled": True, "uri": uri, "experiment": "tracked", "best_metric": "eval/clip_i"})
+    import os
+
+    saved = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_SECRET
+    try:
+        code = main([config])
+    finally:
+        if saved is None:
+            os.environ.pop("AWS_SECRET_ACCESS_KEY")
+        else:
+            os.environ["AWS_SECRET_ACCESS_KEY"] = saved
+    return {"root": root, "store": root / "store", "uri": uri, "config": config, "code": code, "images": good}
+
+
+def test_good_runs_finish_and_bad_concepts_are_reported(tracked):
+    assert tracked["code"] == 0
+    frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
+    assert len(frame) == 6
     good = frame[frame["concept"] == "ball"]
     assert list(good["status"]) == ["finished", "finished"]
     assert good[["clip_t", "clip_i", "dino"]].notna().all().all()
     for run in good["run_dir"]:
         assert {"DONE.json", "learned_embeds.safetensors", "losses.csv", "samples.png"} <= {p.name for p in Path(run).iterdir()}
+        assert json.loads(good[good["run_dir"] == run]["stage_seconds"].iloc[0])
     bad = frame[frame["concept"] != "ball"].set_index("concept")
+    assert (bad["status"] == "failed").all()
     assert "concept 'broken': 0.png cannot be read" in bad.loc["broken", "reason"].iloc[0]
     assert "concept 'empty'" in bad.loc["empty", "reason"].iloc[0] and "is empty" in bad.loc["empty", "reason"].iloc[0]
-    markdown = (storage / "results" / "results.md").read_text()
-    assert "| ball | textual_inversion | finished |" in markdown and "concept 'empty'" in markdown
-    assert (storage / "results" / "comparison" / "scatter.png").is_file()
-    assert "| broken | rare_two_stage | failed |" in capsys.readouterr().out
+    markdown = (tracked["store"] / "results" / "results.md").read_text()
+    assert "| ball | textual_inversion | finished |" in markdown and "| broken | rare_two_stage | failed |" in markdown
+    assert (tracked["store"] / "results" / "comparison" / "scatter.png").is_file()
 
-    losses = {run: (Path(run) / "losses.csv").read_text() for run in good["run_dir"]}
-    stamps = {run: (Path(run) / "losses.csv").stat().st_mtime_ns for run in good["run_dir"]}
-    assert main([config]) == 0  # resubmitted: nothing finished is trained again
-    again = pd.read_parquet(storage / "results" / "results.parquet")
+
+def test_mlflow_layout(tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracked["uri"])
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if BATCH_KEY in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 6  # one per (concept, method), the failed ones included
+    by_key = {(r.data.tags["concept"], r.data.tags["method"]): r for r in children}
+    ti = by_key[("ball", "textual_inversion")]
+    assert ti.info.status == "FINISHED"
+    assert {"method", "concept", "model", "code_version", "config_hash", RUN_KEY} <= set(ti.data.tags)
+    assert ti.data.params["method.stages.embedding.steps"] == "3" and ti.data.params["resolution"] == "64"
+    assert {"train/embedding/diffusion", "train/embedding/loss", "stage_seconds/embedding", "eval/clip_t", "eval/clip_i",
+            "eval/dino"} <= set(ti.data.metrics)
+    assert [m.step for m in client.get_metric_history(ti.info.run_id, "train/embedding/loss")] == [0, 1, 2]
+    artifacts = {a.path for folder in ("learned", "evaluation", "attention", "config", "samples")
+                 for a in client.list_artifacts(ti.info.run_id, folder)}
+    assert {"learned/learned_embeds.safetensors", "evaluation/scores.csv", "config/config.resolved.json",
+            "attention/stage-00-embedding.png", "samples/samples.png"} <= artifacts
+    rare = by_key[("ball", "rare_two_stage")]
+    assert "learned/unet.safetensors" in {a.path for a in client.list_artifacts(rare.info.run_id, "learned")}
+    failed = by_key[("empty", "textual_inversion")]
+    assert failed.info.status == "FAILED" and "concept 'empty'" in failed.data.tags["failure_reason"]
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "results")} >= {"results/results.md", "results/results.parquet"}
+
+
+def test_models_are_registered_with_the_best_run_aliased_and_generate(tracked):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(tracked["uri"])
+    versions = client.search_model_versions("name = 'tracked.ball'")
+    assert len(versions) == 2
+    runs = {v.run_id: client.get_run(v.run_id) for v in versions}
+    best = max(runs.values(), key=lambda r: r.data.metrics["eval/clip_i"])
+    assert client.get_model_version_by_alias("tracked.ball", "champion").run_id == best.info.run_id
+    mlflow.set_tracking_uri(tracked["uri"])
+    model = mlflow.pyfunc.load_model("models:/tracked.ball@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [3]}), params={"steps": 2})
+    assert out["prompt"][0].endswith("on the beach") and "{}" not in out["prompt"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (64, 64)
+
+
+def test_secrets_never_reach_mlflow_or_the_results(tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracked["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    everything = json.dumps([[r.data.params, r.data.tags] for r in runs])
+    assert FAKE_SECRET not in everything and "***" in everything
+    assert FAKE_SECRET not in (tracked["store"] / "results" / "results.md").read_text()
+    assert FAKE_SECRET not in pd.read_parquet(tracked["store"] / "results" / "results.parquet").to_csv()
+
+
+def test_flatten_and_redact(monkeypatch):
+    flat = flatten({"method": {"stages": [{"name": "identity", "steps": 200}]}, "aws_secret_key": "abc", "a": [1, 2]})
+    assert flat == {"method.stages.identity.name": "identity", "method.stages.identity.steps": "200",
+                    "aws_secret_key": "***", "a": "[1, 2]"}
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    assert redact(f"path /x/{FAKE_SECRET}/y and s3://user:pass@host/b") == "path /x/***/y and s3://***@host/b"
+
+
+def test_resubmitting_trains_nothing_again(tracked):
+    frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
+    runs = list(frame[frame["concept"] == "ball"]["run_dir"])
+    before = {r: ((Path(r) / "losses.csv").read_text(), (Path(r) / "losses.csv").stat().st_mtime_ns) for r in runs}
+    assert main([tracked["config"]]) == 0
+    again = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
     assert list(again[again["concept"] == "ball"]["status"]) == ["skipped", "skipped"]
-    for run in good["run_dir"]:
-        path = Path(run) / "losses.csv"
-        assert path.read_text() == losses[run] and path.stat().st_mtime_ns == stamps[run]
-    assert again[again["concept"] == "ball"][["clip_t", "dino"]].notna().all().all()  # evaluation reused
+    assert {r: ((Path(r) / "losses.csv").read_text(), (Path(r) / "losses.csv").stat().st_mtime_ns) for r in runs} == before
+    assert again[again["concept"] == "ball"][["clip_t", "dino"]].notna().all().all()  # the evaluation reused
+
+
+def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(tracked, tiny_model, tiny_scorers, tmp_path, monkeypatch):
+    """The same batch again in new storage, with a fault in the second stage: the same weights as the clean run."""
+    concept = [{"id": "ball", "images": str(tracked["images"]), "super_category": "ball"}]
+    monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"model:1:{tmp_path / 'fault-marker'}")
+    faulty = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", concept, methods=["rare_two_stage"],
+                        evaluation=None, samples={"steps": 1, "seeds": [0], "heatmaps": True})
+    assert main([faulty]) == 0
+    assert (tmp_path / "fault-marker").is_file()  # the fault happened, in the second stage
+    clean = tracked["store"] / "runs" / "ball" / "rare_two_stage"
+    resumed = tmp_path / "store" / "runs" / "ball" / "rare_two_stage"
+    for name in ("learned_embeds.safetensors", "unet.safetensors"):
+        a, b = load_file(str(clean / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ray_runs = list((tmp_path / "store" / "ray").iterdir())
+    assert any((r / "stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept and restored
+    assert set(json.loads((resumed / "DONE.json").read_text())["stages"]) == {"token", "model"}
 
 
 def test_every_run_failing_is_a_non_zero_exit(local_ray, tiny_model, tiny_scorers, tmp_path):
@@ -60,26 +170,3 @@ def test_every_run_failing_is_a_non_zero_exit(local_ray, tiny_model, tiny_scorer
                         [{"id": "empty", "images": str(tmp_path / "empty"), "super_category": "box"}])
     assert main([config]) == 1
     assert main([config, "resources.gpus_per_run=-1"]) == 2  # an invalid config
-
-
-def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(local_ray, tiny_model, tiny_scorers, tmp_path, monkeypatch):
-    images = draw_concept(tmp_path / "ball", n=3)
-    concept = [{"id": "ball", "images": str(images), "super_category": "ball"}]
-    clean = batch_file(tmp_path / "a", tiny_model, tiny_scorers, tmp_path / "a" / "store", concept, methods=["rare_two_stage"],
-                       evaluation=None)
-    assert main([clean]) == 0
-    monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"model:1:{tmp_path / 'fault-marker'}")
-    faulty = batch_file(tmp_path / "b", tiny_model, tiny_scorers, tmp_path / "b" / "store", concept, methods=["rare_two_stage"],
-                        evaluation=None)
-    assert main([faulty]) == 0
-    assert (tmp_path / "fault-marker").is_file()  # the fault did happen, in the second stage
-    run_a = next((tmp_path / "a" / "store" / "runs" / "ball").iterdir())
-    run_b = next((tmp_path / "b" / "store" / "runs" / "ball").iterdir())
-    a, b = load_file(str(run_a / "learned_embeds.safetensors")), load_file(str(run_b / "learned_embeds.safetensors"))
-    assert torch.equal(a["(rare)"], b["(rare)"])
-    ua, ub = load_file(str(run_a / "unet.safetensors")), load_file(str(run_b / "unet.safetensors"))
-    assert all(torch.equal(ua[k], ub[k]) for k in ua)
-    ray_runs = list((tmp_path / "b" / "store" / "ray").iterdir())
-    assert any((r / "stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept
-    done = json.loads((run_b / "DONE.json").read_text())
-    assert set(done["stages"]) == {"token", "model"}
