@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,12 @@ from microworld.models import (
     WorldArch,
     world_clip,
     world_identity_encoder,
+    world_scheduler,
     world_text_encoder,
     world_unet,
     world_vae,
 )
-from personalize.models import clip_tokenizer, sd_scheduler
+from personalize.models import clip_tokenizer
 from personalize.tokens import tokenize
 
 
@@ -41,8 +43,8 @@ class Plan:
     """Wall-clock minutes per part and the size of the rendered training set (scaled together by --scale)."""
 
     images: int = 60_000
-    vae_minutes: float = 18.0
-    base_minutes: float = 72.0
+    vae_minutes: float = 13.0
+    base_minutes: float = 80.0
     clip_minutes: float = 12.0
     identity_minutes: float = 8.0
 
@@ -111,6 +113,18 @@ def train_vae(pixels: torch.Tensor, minutes: float, device: torch.device, log: L
     return vae, scaling
 
 
+def reuse_vae(folder: Path, log: Log) -> tuple:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    earlier = folder.parent / "training.json"
+    if earlier.exists():
+        log.records["vae"] = json.loads(earlier.read_text()).get("vae", {})
+    log.records.setdefault("vae", {})["reused_from"] = str(folder)
+    log.say("vae", f"reusing the VAE of {folder}")
+    return vae, float(vae.config.scaling_factor)
+
+
 @torch.no_grad()
 def encode_all(vae, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
@@ -131,7 +145,7 @@ def train_base(mean, std, captions, scaling: float, minutes: float, device: torc
     text_encoder, unet = world_text_encoder(arch).to(device), world_unet(arch).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
-    scheduler = DDPMScheduler.from_config(sd_scheduler().config)
+    scheduler = DDPMScheduler.from_config(world_scheduler().config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
     ids = tokenize(tokenizer, captions)
@@ -173,7 +187,7 @@ def train_base(mean, std, captions, scaling: float, minutes: float, device: torc
 
 def save_pipeline(vae, text_encoder, unet, tokenizer, folder: Path) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=world_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     pipe.to(torch.float32)
@@ -283,6 +297,8 @@ def main() -> None:
     parser.add_argument("--out", default="models/microworld")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget and the data size")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--vae-from", help="reuse the VAE of an earlier run's pipeline folder instead of training one")
+    parser.add_argument("--base-minutes", type=float, help="override the text-to-image training budget")
     parser.add_argument("--parts", nargs="+", default=["base", "clip", "identity"], choices=["base", "clip", "identity"])
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
@@ -293,8 +309,11 @@ def main() -> None:
     images, captions, full_captions = render_set(plan.images, seed=0)
     pixels = to_tensor(images)
     log.records["data"] = {"images": plan.images, "seed": 0}
+    if args.base_minutes:
+        plan.base_minutes = args.base_minutes
     if "base" in args.parts:
-        vae, scaling = train_vae(pixels, plan.vae_minutes, device, log, arch)
+        vae, scaling = reuse_vae(Path(args.vae_from), log) if args.vae_from else train_vae(pixels, plan.vae_minutes, device, log, arch)
+        vae = vae.to(device)
         mean, std = encode_all(vae, pixels, device)
         tokenizer, text_encoder, unet = train_base(mean, std, captions, scaling, plan.base_minutes, device, log, arch)
         save_pipeline(vae.float().cpu(), text_encoder.cpu(), unet.cpu(), tokenizer, out / "model")
@@ -306,7 +325,7 @@ def main() -> None:
     if "identity" in args.parts:
         train_identity(plan.identity_minutes, max(2000, plan.images // 3), device, log).cpu().save_pretrained(out / "identity")
     log.records["wall_minutes"] = round((time.perf_counter() - began) / 60, 1)
-    log.records["command"] = f"python -m microworld.train --out {args.out} --scale {args.scale} --parts {' '.join(args.parts)}"
+    log.records["command"] = " ".join(["python -m microworld.train", *sys.argv[1:]])
     log.records["device"] = str(device) + ("" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "training.json").write_text(json.dumps(log.records, indent=1))

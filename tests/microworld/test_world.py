@@ -7,7 +7,18 @@ import pytest
 
 from microworld.concepts import CONCEPTS, photos, write_concepts, write_pair
 from microworld.world import (
-    COLOURS, PATTERNS, SCENES, SHAPES, STYLES, Caption, Scene, caption, parse_caption, random_scene, render, training_caption,
+    COLOURS,
+    PATTERNS,
+    SCENES,
+    SHAPES,
+    STYLES,
+    Caption,
+    Scene,
+    caption,
+    parse_caption,
+    random_scene,
+    render,
+    training_caption,
 )
 from personalize.config import load_manifest
 
