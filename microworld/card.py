@@ -31,8 +31,21 @@ def load_pipeline(folder: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+@torch.no_grad()
+def reconstruction_mse(vae, count: int = 256) -> float:
+    """The VAE's reconstruction error on fresh renders (a seed the training set never used), pixels in [-1, 1]."""
+    from microworld.data import render_set, to_tensor
+
+    pixels = to_tensor(render_set(count, seed=999)[0])
+    return float(torch.nn.functional.mse_loss(vae.decode(vae.encode(pixels).latent_dist.mean).sample, pixels))
+
+
 def sizes(folder: Path) -> dict[str, float]:
     return {p.parent.name + "/" + p.name: round(p.stat().st_size / 1e6, 2) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def vae_origin(record: dict) -> str:
+    return f" (trained by an earlier run: {record['reused_from_note']})" if record.get("reused_from_note") else ""
 
 
 def main() -> None:
@@ -50,7 +63,7 @@ def main() -> None:
     zero_shot = zero_shot_accuracy(clip)
     following, _ = prompt_following(pipe, clip, per_colour=4)
     retrieval = {"identity encoder": identity_retrieval(identity), "world CLIP": identity_retrieval(clip)}
-    measured = {"zero_shot": zero_shot, "prompt_following": following, "identity_retrieval": retrieval, "files_mb": sizes(root)}
+    measured = {"vae_reconstruction_mse": round(reconstruction_mse(pipe.vae), 5), "zero_shot": zero_shot, "prompt_following": following, "identity_retrieval": retrieval, "files_mb": sizes(root)}
     (root / "measurements.json").write_text(json.dumps(measured, indent=1))
     base, vae = record.get("base", {}), record.get("vae", {})
     total = sum(v for k, v in measured["files_mb"].items() if k.split("/")[0] in ("unet", "vae", "text_encoder"))
@@ -70,7 +83,8 @@ def main() -> None:
         "| part | what | training |",
         "|---|---|---|",
         f"| vae | AutoencoderKL, x4 downsampling to 16x16x8 latents | {vae.get('steps')} steps, batch {vae.get('batch')}, "
-        f"L1 + MSE + 1e-6 KL, final loss {vae.get('final_loss')}, reconstruction MSE {vae.get('recon_mse')}, scaling factor {vae.get('scaling_factor')} |",
+        f"L1 + MSE + 1e-6 KL; reconstruction MSE on fresh renders {measured['vae_reconstruction_mse']}, scaling factor "
+        f"{pipe.vae.config.scaling_factor:.4f}{vae_origin(vae)} |",
         f"| text_encoder | CLIPTextModel, real 49,408-token CLIP tokenizer, {base.get('text_encoder_params')} parameters | "
         "trained jointly with the UNet |",
         f"| unet | UNet2DConditionModel, cross-attention at 16x16 and 8x8, {base.get('unet_params')} parameters | "
