@@ -151,7 +151,7 @@ def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(tracked, tiny_mo
     concept = [{"id": "ball", "images": str(tracked["images"]), "super_category": "ball"}]
     monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"model:1:{tmp_path / 'fault-marker'}")
     faulty = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", concept, methods=["rare_two_stage"],
-                        evaluation=None, samples={"steps": 1, "seeds": [0], "heatmaps": True})
+                        method_overrides={"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}}, evaluation=None, samples={"steps": 1, "seeds": [0], "heatmaps": True})
     assert main([faulty]) == 0
     assert (tmp_path / "fault-marker").is_file()  # the fault happened, in the second stage
     clean = tracked["store"] / "runs" / "ball" / "rare_two_stage"
