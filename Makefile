@@ -33,7 +33,7 @@ browser:
 	  echo "warning: chromium is missing and could not be installed; the browser test will fail"
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 clean:

@@ -3,7 +3,8 @@
 SeaweedFS (`weed mini`, telemetry off) serves S3, an MLflow server keeps runs in SQLite and proxies artifacts
 to s3://mlflow/artifacts on it, and a Ray head takes jobs. Everything lives under one folder (default
 ./.stack); `up` is idempotent, `down` stops exactly the processes `up` started (by their recorded process
-groups). Credentials for the local S3 are generated once into .stack/env.sh (mode 600) and never printed.
+groups). Credentials for the local S3 and the Ray head's auth token (Ray's token authentication, on here)
+are generated once into .stack/env.sh (mode 600) and never printed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Stack:
     def __init__(self, folder: str | Path = ".stack", ports: Ports = Ports()):
         self.folder = Path(folder).resolve()
         self.ports = ports
+        self._started: dict[str, subprocess.Popen] = {}
 
     # ------------------------------------------------------------------ environment
 
@@ -54,18 +56,23 @@ class Stack:
         return self.folder / "env.sh"
 
     def credentials(self) -> dict[str, str]:
-        """The local S3 admin identity: generated on first use, kept in env.sh (0600)."""
+        """The local S3 admin identity and the Ray auth token: generated on first use, kept in env.sh (0600)."""
         path = self.folder / "credentials.json"
         if not path.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
-            creds = {"AWS_ACCESS_KEY_ID": "local" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
+            creds = {"AWS_ACCESS_KEY_ID": "local" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
             path.write_text(json.dumps(creds))
             path.chmod(0o600)
-        return json.loads(path.read_text())
+        creds = json.loads(path.read_text())
+        if "RAY_AUTH_TOKEN" not in creds:  # a stack folder from before Ray token auth
+            creds["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            path.write_text(json.dumps(creds))
+        return creds
 
     def client_env(self) -> dict[str, str]:
         """What a client (a batch, `ray job submit`, a test) exports to use this stack."""
-        return {**self.credentials(), "AWS_ENDPOINT_URL_S3": f"http://{HOST}:{self.ports.s3}", "AWS_REGION": "us-east-1",
+        return {**self.credentials(), "RAY_AUTH_MODE": "token", "AWS_ENDPOINT_URL_S3": f"http://{HOST}:{self.ports.s3}", "AWS_REGION": "us-east-1",
                 "MLFLOW_TRACKING_URI": f"http://{HOST}:{self.ports.mlflow}", "RAY_ADDRESS": f"http://{HOST}:{self.ports.dashboard}",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -95,6 +102,7 @@ class Stack:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                 start_new_session=True, cwd=self.folder)
         self._pid_file(name).write_text(str(proc.pid))
+        self._started[name] = proc
 
     def _bin(self, name: str) -> str:
         local = Path(sys.executable).parent / name
@@ -133,7 +141,7 @@ class Stack:
         return [self._bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p.ray}",
                 f"--dashboard-host={HOST}", f"--dashboard-port={p.dashboard}", "--include-dashboard=true",
                 f"--temp-dir={self.ray_temp}", "--disable-usage-stats", "--num-cpus=4",
-                "--object-store-memory=1000000000", f"--min-worker-port={p.ray + 100}", f"--max-worker-port={p.ray + 400}"]
+                "--object-store-memory=1000000000", f"--ray-client-server-port={p.ray + 1}", f"--min-worker-port={p.ray + 100}", f"--max-worker-port={p.ray + 400}"]
 
     def s3_healthy(self) -> bool:
         try:
@@ -147,9 +155,10 @@ class Stack:
             return False
 
     @staticmethod
-    def http_ok(url: str, expect: str | None = None) -> bool:
+    def http_ok(url: str, expect: str | None = None, token: str | None = None) -> bool:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            with urllib.request.urlopen(url, timeout=3) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3) as r:
                 return r.status == 200 and (expect is None or expect in r.read().decode())
         except Exception:
             return False
@@ -158,11 +167,12 @@ class Stack:
         return self.http_ok(f"http://{HOST}:{self.ports.mlflow}/health", "OK")
 
     def ray_healthy(self) -> bool:
-        return self.http_ok(f"http://{HOST}:{self.ports.dashboard}/api/version")
+        return self.http_ok(f"http://{HOST}:{self.ports.dashboard}/api/version", token=self.credentials()["RAY_AUTH_TOKEN"])
 
     def services(self):
-        s3_env = {**self.credentials(), "WEED_TELEMETRY": "false"}
-        mlflow_env = {**self.credentials(), "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{self.ports.s3}",
+        s3 = {k: v for k, v in self.credentials().items() if k.startswith("AWS_")}
+        s3_env = {**s3, "WEED_TELEMETRY": "false"}
+        mlflow_env = {**s3, "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{self.ports.s3}",
                       "AWS_ENDPOINT_URL_S3": f"http://{HOST}:{self.ports.s3}", "MLFLOW_DISABLE_TELEMETRY": "true"}
         ray_env = {k: v for k, v in self.client_env().items() if k != "RAY_ADDRESS"}
         ray_env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -186,7 +196,13 @@ class Stack:
                 if busy:
                     raise RuntimeError(f"port {busy} for {name} is taken by another program; stop it or use --port-offset")
                 self._spawn(name, command(), env)
-                self._wait(name, healthy, timeout)
+                try:
+                    self._wait(name, healthy, timeout)
+                except Exception:
+                    self._stop(name, grace=5)  # never leave a half-started service holding its ports
+                    if name == "ray":
+                        self._kill_leftover_ray()
+                    raise
             if name == "seaweedfs":
                 self._buckets()
             urls[name] = url
@@ -203,7 +219,8 @@ class Stack:
         while time.time() < deadline:
             if healthy():
                 return
-            if not self._alive(name):
+            proc = self._started.get(name)
+            if not self._alive(name) or (proc is not None and proc.poll() is not None):
                 tail = (self.folder / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited while starting; its log ends with:\n{tail}")
             time.sleep(1)
@@ -220,7 +237,7 @@ class Stack:
             if bucket not in existing:
                 s3.create_bucket(Bucket=bucket)
 
-    def _stop(self, name: str, grace: float = 20) -> bool:
+    def _stop(self, name: str, grace: float = 8) -> bool:
         pid = self._alive(name)
         if pid is None:
             self._pid_file(name).unlink(missing_ok=True)

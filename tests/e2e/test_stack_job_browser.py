@@ -16,6 +16,7 @@ from pipelines.stack import Ports, Stack
 from tests.conftest import draw_concept
 
 pytestmark = pytest.mark.slow
+WORLD = Path(__file__).resolve().parents[2] / "models" / "microworld"  # its CLIP and identity encoder score the runs
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -36,7 +37,11 @@ def our_processes(*markers: Path) -> list[str]:
 def stack(tmp_path):
     stack = Stack(tmp_path / "stack", Ports.offset(3333))
     began = time.perf_counter()
-    stack.up(timeout=240)
+    try:
+        stack.up(timeout=240)
+    except Exception:
+        stack.down()
+        raise
     first = time.perf_counter() - began
     pids = {name: stack._alive(name) for name in ("seaweedfs", "mlflow", "ray")}
     stack.up()  # a second `up` is harmless: same processes, still healthy
@@ -64,7 +69,8 @@ def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_mode
         "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
         "method_overrides": {"textual_inversion": {"stages.embedding.steps": 2, "stages.embedding.batch_size": 1},
                              "rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
-        "evaluation": None, "resources": {"max_concurrent_runs": 2}, "tracking": {"experiment": "e2e"},
+        "evaluation": {"prompts": "world_eval", "samples": 1, "steps": 1, "clip": str(WORLD / "clip"), "dino": str(WORLD / "identity")},
+        "resources": {"max_concurrent_runs": 2}, "tracking": {"experiment": "e2e"},
     }))
     submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
               "--working-dir", str(job), "--", sys.executable, "-m", "pipelines.batch", "batch.yaml"]
@@ -93,14 +99,28 @@ def check_mlflow_ui(url: str, screenshot: Path) -> None:
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{url}/#/experiments/{experiment.experiment_id}", wait_until="networkidle")
-        page.get_by_text("e2e", exact=True).first.wait_for(timeout=30_000)
-        expand = page.locator("[data-testid='runs-table'] button[aria-label*='xpand'], button[aria-label*='Expand']")
-        for i in range(expand.count()):
-            expand.nth(i).click()
+        # MLflow 3 opens an experiment on its GenAI overview: go to the runs table, close the assistant panel,
+        # expand the batch's parent run, then add the evaluation metrics as columns
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs", wait_until="load", timeout=60_000)
+        expand = page.locator("button[data-component-id*='runnamecellrenderer']").first  # the parent run "e2e"
+        expand.wait_for(timeout=60_000)
+        close = page.get_by_role("button", name="Close")
+        if close.count():
+            close.first.click()
+        expand.click()
         for name in ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage"):
-            page.get_by_text(name).first.wait_for(timeout=30_000)
+            page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+        page.get_by_test_id("column-selection-dropdown").first.click()
+        page.get_by_placeholder("Search columns").fill("eval/")
+        for column in ("eval/clip_t", "eval/clip_i", "eval/dino"):
+            page.get_by_text(column, exact=True).first.click()
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
         page.screenshot(path=str(screenshot), full_page=True)
-        text = page.inner_text("body")
+        headers = page.locator("[role=columnheader]").all_inner_texts()
+        rows = [n for n in ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage")
+                if page.get_by_text(n, exact=True).count() == 1]
         browser.close()
-    assert "train/" in text or "Metrics" in text
+    assert len(rows) == 4  # one child run per (concept, method), each shown once
+    for column in ("eval/clip_t", "eval/clip_i", "eval/dino"):  # the evaluation metrics are columns of the runs table
+        assert column in headers, f"{column} is not a column of the MLflow runs table: {headers}"
