@@ -36,7 +36,10 @@ def client(endpoint: str | None = None):
 
     config = Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=120,
                     s3={"addressing_style": "path"})
-    return boto3.client("s3", endpoint_url=endpoint_url(endpoint), config=config,
+    # a new session each time: boto3's default session keeps the first credentials it resolved for the life of
+    # the process, so a process whose environment changes (a long-lived driver, a test session) would sign
+    # requests with stale keys
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(endpoint), config=config,
                         region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")))
 
 

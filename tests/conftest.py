@@ -90,3 +90,34 @@ def spec_for(tiny_model, concept_dir, pair_dir, tmp_path):
         return quick_spec(method, tiny_model, concept_dir, tmp_path / "out", **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    from pipelines.cluster import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    connect(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory):
+    """Small random CLIP and DINO folders (built by the test, like the evaluation tests' encoders)."""
+    import open_clip
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from personalize.metrics import save_open_clip
+
+    root = tmp_path_factory.mktemp("scorers")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    save_open_clip(open_clip.CLIP(**cfg), cfg, root / "clip")
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32, intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"

@@ -35,7 +35,7 @@ def our_processes(*markers: Path) -> list[str]:
 
 @pytest.fixture
 def stack(tmp_path):
-    stack = Stack(tmp_path / "stack", Ports.offset(3333))
+    stack = Stack(tmp_path / "stack", Ports.offset(-2500))
     began = time.perf_counter()
     try:
         stack.up(timeout=240)
@@ -53,11 +53,12 @@ def stack(tmp_path):
     assert all(v.startswith("down") for v in stack.status().values())
 
 
-def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_model, tmp_path):
+def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_model, tmp_path, monkeypatch):
     from personalize import storage
 
     env = stack.client_env()
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(key, env[key])
     for name in ("ball", "box"):
         storage.upload_dir(draw_concept(tmp_path / name, n=3, seed=len(name)), f"s3://personalize/e2e/concepts/{name}")
     job = tmp_path / "job"

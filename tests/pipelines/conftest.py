@@ -8,37 +8,6 @@ import yaml
 from tests.conftest import draw_concept
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    import ray
-
-    from pipelines.cluster import connect
-
-    os.environ.pop("RAY_ADDRESS", None)
-    connect(num_cpus=4)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def tiny_scorers(tmp_path_factory):
-    """Small random CLIP and DINO folders (built by the test, like the evaluation tests' encoders)."""
-    import open_clip
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    from personalize.metrics import save_open_clip
-
-    root = tmp_path_factory.mktemp("scorers")
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    save_open_clip(open_clip.CLIP(**cfg), cfg, root / "clip")
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32, intermediate_size=64)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(root / "dino")
-    return root / "clip", root / "dino"
-
-
 def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> str:
     concepts = concepts or [{"id": "ball", "images": str(draw_concept(folder / "ball", n=3)), "super_category": "ball"}]
     config = {
@@ -60,10 +29,11 @@ def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> 
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
-    """A real SeaweedFS S3 server on loopback (ports shifted so a running stack is not disturbed)."""
+    """A real SeaweedFS S3 server on loopback (ports shifted so a running stack is not disturbed, and below
+    10002 so that none falls in the range in-process Ray hands to its workers)."""
     from pipelines.stack import Ports, Stack
 
-    stack = Stack(tmp_path_factory.mktemp("seaweed"), Ports.offset(1111))
+    stack = Stack(tmp_path_factory.mktemp("seaweed"), Ports.offset(-2000))
     stack.up(only=("seaweedfs",), timeout=120)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")}
     env = stack.client_env()
