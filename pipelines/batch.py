@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="batch YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.max_concurrent_runs=2")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("personalize", "pipelines", "tuning"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from pipelines.cluster import setup_logging
+
+    setup_logging()
     try:
         config, base_dir = load_batch(args.config, args.overrides)
         from pipelines.tracking import tracker_for

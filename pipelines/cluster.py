@@ -59,3 +59,10 @@ def concurrent_runs(cap: Capacity, gpus_per_run: int, cpus_per_run: float, limit
         fit = int(max(1.0, cap.cpus - 1) // cpus_per_run)
     fit = max(1, fit)
     return min(fit, limit) if limit else fit
+
+
+def setup_logging() -> None:
+    """Our packages log at INFO, everything else (Ray, MLflow, urllib3) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("personalize", "pipelines", "tuning"):
+        logging.getLogger(name).setLevel(logging.INFO)

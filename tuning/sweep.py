@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="sweep YAML")
     parser.add_argument("overrides", nargs="*", help="overrides of the base batch config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("personalize", "pipelines", "tuning"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from pipelines.cluster import setup_logging
+
+    setup_logging()
     try:
         sweep, batch, base = load_sweep(args.config, args.overrides)
         from tuning.tracking import sweep_tracker
