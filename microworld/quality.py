@@ -56,6 +56,7 @@ def evaluation(setting: Setting, models: Path) -> EvaluationSpec:
 
 
 def run(out: Path, setting: Setting, models: Path = MODELS, progress: bool = True) -> pd.DataFrame:
+    out = out.resolve()  # run configs resolve relative paths against the concepts folder, not the cwd
     out.mkdir(parents=True, exist_ok=True)
     manifest = write_concepts(out / "concepts", CONCEPTS[: setting.concepts])
     pair = write_pair(out / "concepts", CONCEPTS[0], CONCEPTS[1])
