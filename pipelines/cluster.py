@@ -31,9 +31,20 @@ def connect(num_cpus: int | None = None) -> str:
         return f"joined the cluster at {os.environ.get('RAY_ADDRESS', 'the job cluster')}"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every Ray listener on 127.0.0.1
     cpus = num_cpus or max(4, os.cpu_count() or 2)  # logical CPUs: drivers and actors mostly wait
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1",
-             object_store_memory=512 * 1024 * 1024)
-    return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs"
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
+    # CPUs of a trainer whose controller was killed (a trial stopped by ASHA) are never given back.
+    port = free_port()
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
+             log_to_driver=True, _node_ip_address="127.0.0.1", object_store_memory=512 * 1024 * 1024)
+    return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs (dashboard http://127.0.0.1:{port})"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

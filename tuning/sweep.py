@@ -62,13 +62,15 @@ def scheduler(sweep: SweepConfig, max_t: int):
                          grace_period=sweep.scheduler.grace_period, reduction_factor=sweep.scheduler.reduction_factor)
 
 
-def cleanup_callback(root, total_reports: int, sweep_name: str):
-    """Stopped trials leave no checkpoints behind (their results stay)."""
+def cleanup_callback(root, sweep_name: str):
+    """Stopped trials leave no checkpoints behind (their results stay). A trial is finished when it made its
+    final report; counting reports is not enough, since a trial restored after an interruption skips the
+    stages it had finished and reports only what is left."""
     from ray.tune import Callback
 
     class CleanupStopped(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.last_result.get("training_iteration", 0) < total_reports:
+            if trial.last_result.get("phase") != "final":
                 shutil.rmtree(root.local("trials", trial.trial_id, "runs"), ignore_errors=True)
                 shutil.rmtree(root.local("ray", f"{sweep_name}-{trial.trial_id}"), ignore_errors=True)
 
@@ -155,20 +157,20 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
             search_alg=search, scheduler=scheduler(sweep, total), num_samples=sweep.search.samples,
             max_concurrent_trials=sweep.search.max_concurrent, time_budget_s=sweep.budget.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[cleanup_callback(root, total, sweep.name)]))
+                                      callbacks=[cleanup_callback(root, sweep.name)]))
     grid = tuner.fit()
-    frame = trials_frame(grid, root, total)
+    frame = trials_frame(grid, root)
     return write_results(sweep, batch, base_dir, frame, root, tracker, time.perf_counter() - began)
 
 
-def trials_frame(grid, root, total: int) -> pd.DataFrame:
+def trials_frame(grid, root) -> pd.DataFrame:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-1]
         timed_out = any((root.local("trials", t, TIMED_OUT)).is_file() for t in [trial_id])
         iterations = metrics.get("training_iteration", 0)
-        status = "timed out" if timed_out else "error" if result.error else "finished" if iterations >= total else "stopped"
+        status = "timed out" if timed_out else "error" if result.error else "finished" if metrics.get("phase") == "final" else "stopped"
         overrides = (result.config or {}).get("overrides", {})
         rows.append({"trial_id": trial_id, "status": status, "reports": iterations, "phase": metrics.get("phase"),
                      "clip_t": metrics.get("clip_t"), "clip_i": metrics.get("clip_i"), "dino": metrics.get("dino"),

@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from personalize.config import EvaluationSpec, RunSpec, split_overrides
@@ -89,25 +88,51 @@ def _tracker(config: dict, spec: RunSpec):
                       extra_params={"overrides": config["overrides"]}, extra_tags={"trial_id": trial_id})
 
 
-def drain_tune_queue(timeout_s: float = 30.0) -> None:
-    """Wait until Tune has taken the last forwarded result: a trial that returns while TuneReportCallback is still
-    forwarding can deadlock (ray 2.60, both sides blocked on a size-1 queue)."""
-    try:
-        from ray.train._internal.session import get_session
+class ForwardReports(UserCallback):
+    """Runs in the TrainController: puts worker 0's report of each Train step on a queue the trial reads.
 
-        queue = getattr(get_session(), "_inter_actor_queue", None)
-    except Exception:  # the private session API moved: nothing to drain
-        return
-    deadline = time.time() + timeout_s
-    while queue is not None and not queue.empty() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)
+    Ray's own TuneReportCallback hands results to the trial's session through a size-1 queue that its main
+    thread also fills, and a trial that returned while a result was in flight could block forever (ray
+    2.60). Here the trial's own thread takes each result off an unbounded queue and reports it to Tune."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(dict(metrics[0]))
+
+
+def fit_and_forward(trainer_for, poll_s: float = 0.5) -> None:
+    """Fit the trainer on a helper thread; report its results to Tune from this (the trial's) thread, in order,
+    including any that arrive as the fit ends. A failed fit is raised here after its results are reported."""
+    from ray.util.queue import Empty, Queue
+
+    results = Queue(actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer_for(ForwardReports(results)).fit()
+        except BaseException as e:  # re-raised on the trial's thread
+            failure.append(e)
+
+    worker = threading.Thread(target=fit, name="trial-fit", daemon=True)
+    worker.start()
+    while True:
+        try:
+            ray.tune.report(results.get(timeout=poll_s))
+            continue
+        except Empty:
+            pass
+        if not worker.is_alive() and results.empty():
+            break
+    worker.join()
+    if failure:
+        raise failure[0]
 
 
 def trial(config: dict) -> None:
     """The Tune trainable: a TorchTrainer for this trial's overrides, guarded by a wall-clock limit."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from pipelines.storage import StorageRoot
 
     settings, overrides = config["settings"], config["overrides"]
@@ -118,20 +143,22 @@ def trial(config: dict) -> None:
     watchdog.daemon = True
     watchdog.start()
     storage_path, filesystem = root.ray_storage()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"specs": [s.model_dump_json() for s in specs], "stage_eval": settings["stage_eval"],
-                           "final_eval": settings["final_eval"], "weights": settings["weights"], "trial_id": trial_id,
-                           "stage_eval_prompts": settings["stage_eval_prompts"], "tracking": settings.get("tracking"),
-                           "overrides": overrides},
-        scaling_config=ScalingConfig(**settings["scaling"]),
-        run_config=RunConfig(name=f"{settings['name']}-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[TuneReportCallback()],
-                             worker_runtime_env={"env_vars": settings.get("env", {})}),
-    )
+
+    def trainer_for(callback: UserCallback) -> TorchTrainer:
+        return TorchTrainer(
+            train_loop,
+            train_loop_config={"specs": [s.model_dump_json() for s in specs], "stage_eval": settings["stage_eval"],
+                               "final_eval": settings["final_eval"], "weights": settings["weights"], "trial_id": trial_id,
+                               "stage_eval_prompts": settings["stage_eval_prompts"], "tracking": settings.get("tracking"),
+                               "overrides": overrides},
+            scaling_config=ScalingConfig(**settings["scaling"]),
+            run_config=RunConfig(name=f"{settings['name']}-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[callback],
+                                 worker_runtime_env={"env_vars": settings.get("env", {})}),
+        )
+
     try:
-        trainer.fit()
-        drain_tune_queue()
+        fit_and_forward(trainer_for)
     finally:
         watchdog.cancel()
 
