@@ -78,7 +78,8 @@ def load_batch(path: str | Path, cli_overrides: list[str] | None = None) -> tupl
     unknown = [m for m in config.method_overrides if m not in config.methods]
     if unknown:
         raise ConfigError(str(path), [f"method_overrides names methods not in `methods`: {unknown}"])
-    if config.evaluation is not None:  # scorer folders given as ./ or ../ paths are relative to this file
+    config.model = resolve_model(config.model, path.parent)  # ./ or ../ paths are relative to this file
+    if config.evaluation is not None:  # so are scorer folders
         config.evaluation = config.evaluation.model_copy(update={
             "clip": resolve_model(config.evaluation.clip, path.parent), "dino": resolve_model(config.evaluation.dino, path.parent)})
     return config, path.parent
