@@ -80,7 +80,9 @@ def _place_models(components: SDComponents, spec: RunSpec, device: torch.device,
     low = dtype or torch.float32
     models = {"unet": components.unet, "text_encoder": components.text_encoder}
     trained = set(select(models, sorted({sel for s in spec.method.stages for sel in s.trainable})))
-    components.vae.to(device, low).eval()
+    components.vae.to(device).eval()
+    if low != torch.float32:  # loaded in fp32; casting to fp32 again only makes diffusers warn
+        components.vae.to(low)
     for name, model in models.items():
         model.to(device).eval()
         if low == torch.float32:
