@@ -101,6 +101,9 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
         tracker.batch_finished(frame, evaluations, paths, specs)
     print("\n" + to_markdown(frame))
     print(f"results: {paths['markdown']} and {paths['parquet']} ({time.perf_counter() - began:.0f} s)", flush=True)
+    if eval_error:
+        print(f"evaluation failed: {eval_error}\nthe trained runs are kept: fix the evaluation settings and "
+              "resubmit, only the evaluation runs again", flush=True)
     return 0 if (frame["status"] != "failed").any() else 1
 
 

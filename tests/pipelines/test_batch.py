@@ -170,3 +170,16 @@ def test_every_run_failing_is_a_non_zero_exit(local_ray, tiny_model, tiny_scorer
                         [{"id": "empty", "images": str(tmp_path / "empty"), "super_category": "box"}])
     assert main([config]) == 1
     assert main([config, "resources.gpus_per_run=-1"]) == 2  # an invalid config
+
+
+def test_a_failed_evaluation_is_reported_and_keeps_the_trained_runs(tracked, tmp_path, capsys):
+    missing = tmp_path / "no-clip-here"
+    runs = tracked["store"] / "runs" / "ball"
+    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage")}
+    assert main([tracked["config"], f"evaluation.clip={missing}", "tracking.enabled=false"]) == 0  # runs stand
+    assert "evaluation failed: " in capsys.readouterr().out
+    frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
+    ball = frame[frame["concept"] == "ball"]
+    assert list(ball["status"]) == ["skipped", "skipped"]  # trained before: kept, not retrained
+    assert all(r.startswith("not evaluated:") and str(missing) in r for r in ball["reason"]), list(ball["reason"])
+    assert {m: (runs / m / "DONE.json").read_text() for m in done} == done
