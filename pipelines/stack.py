@@ -37,6 +37,7 @@ class Ports:
     mlflow: int = 5000
     ray: int = 6390
     dashboard: int = 8265
+    agent: int = 52365  # the dashboard agent on the head: `ray job submit` goes through it
 
     @classmethod
     def offset(cls, delta: int) -> Ports:
@@ -140,6 +141,7 @@ class Stack:
             link.symlink_to(self.ray_temp, target_is_directory=True)  # logs under .stack/ray as for the other services
         return [self._bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p.ray}",
                 f"--dashboard-host={HOST}", f"--dashboard-port={p.dashboard}", "--include-dashboard=true",
+                f"--dashboard-agent-listen-port={p.agent}",
                 f"--temp-dir={self.ray_temp}", "--disable-usage-stats", "--num-cpus=4",
                 "--object-store-memory=1000000000", f"--ray-client-server-port={p.ray + 1}", f"--min-worker-port={p.ray + 100}", f"--max-worker-port={p.ray + 400}"]
 
@@ -167,7 +169,10 @@ class Stack:
         return self.http_ok(f"http://{HOST}:{self.ports.mlflow}/health", "OK")
 
     def ray_healthy(self) -> bool:
-        return self.http_ok(f"http://{HOST}:{self.ports.dashboard}/api/version", token=self.credentials()["RAY_AUTH_TOKEN"])
+        """The dashboard answers and so does the head's agent (until it does, job submissions are refused)."""
+        token = self.credentials()["RAY_AUTH_TOKEN"]
+        return (self.http_ok(f"http://{HOST}:{self.ports.dashboard}/api/version", token=token)
+                and self.http_ok(f"http://{HOST}:{self.ports.agent}/api/local_raylet_healthz", token=token))
 
     def services(self):
         s3 = {k: v for k, v in self.credentials().items() if k.startswith("AWS_")}
