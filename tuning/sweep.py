@@ -62,15 +62,19 @@ def scheduler(sweep: SweepConfig, max_t: int):
                          grace_period=sweep.scheduler.grace_period, reduction_factor=sweep.scheduler.reduction_factor)
 
 
+def reached_final(metrics: dict) -> bool:
+    """A trial finished when it made its final report. Counting reports is not enough: a trial restored after an
+    interruption skips the stages it had finished and reports only what is left."""
+    return metrics.get("phase") == "final"
+
+
 def cleanup_callback(root, sweep_name: str):
-    """Stopped trials leave no checkpoints behind (their results stay). A trial is finished when it made its
-    final report; counting reports is not enough, since a trial restored after an interruption skips the
-    stages it had finished and reports only what is left."""
+    """Stopped trials leave no checkpoints behind (their results stay)."""
     from ray.tune import Callback
 
     class CleanupStopped(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.last_result.get("phase") != "final":
+            if not reached_final(trial.last_result):
                 shutil.rmtree(root.local("trials", trial.trial_id, "runs"), ignore_errors=True)
                 shutil.rmtree(root.local("ray", f"{sweep_name}-{trial.trial_id}"), ignore_errors=True)
 
@@ -168,9 +172,9 @@ def trials_frame(grid, root) -> pd.DataFrame:
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-1]
-        timed_out = any((root.local("trials", t, TIMED_OUT)).is_file() for t in [trial_id])
+        timed_out = root.local("trials", trial_id, TIMED_OUT).is_file()
         iterations = metrics.get("training_iteration", 0)
-        status = "timed out" if timed_out else "error" if result.error else "finished" if metrics.get("phase") == "final" else "stopped"
+        status = "timed out" if timed_out else "error" if result.error else "finished" if reached_final(metrics) else "stopped"
         overrides = (result.config or {}).get("overrides", {})
         rows.append({"trial_id": trial_id, "status": status, "reports": iterations, "phase": metrics.get("phase"),
                      "clip_t": metrics.get("clip_t"), "clip_i": metrics.get("clip_i"), "dino": metrics.get("dino"),
