@@ -118,19 +118,25 @@ def load(directory: Path) -> Checkpoint:
     return Checkpoint(directory, cursor, learned, optimizer)
 
 
-def latest(run_dir: Path) -> Checkpoint | None:
-    """The most advanced complete checkpoint of a run (stage ends and the mid-stage one), if any."""
+def latest_cursor(run_dir: Path) -> tuple[Cursor, Path] | None:
+    """The cursor and folder of a run's most advanced complete checkpoint (stage ends and the mid-stage one)."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return None
-    best: tuple[tuple[int, int], Path] | None = None
+    best: tuple[Cursor, Path] | None = None
     for d in root.iterdir():
         if d.suffix in (".tmp", ".old") or not (d / "cursor.json").is_file():
             continue
-        key = Cursor(**json.loads((d / "cursor.json").read_text())).key
-        if best is None or key > best[0]:
-            best = (key, d)
-    return load(best[1]) if best else None
+        cursor = Cursor(**json.loads((d / "cursor.json").read_text()))
+        if best is None or cursor.key > best[0].key:
+            best = (cursor, d)
+    return best
+
+
+def latest(run_dir: Path) -> Checkpoint | None:
+    """The most advanced complete checkpoint of a run, loaded."""
+    found = latest_cursor(run_dir)
+    return load(found[1]) if found else None
 
 
 def apply_learned(models: dict[str, torch.nn.Module], learned: dict[str, torch.Tensor]) -> None:

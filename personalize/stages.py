@@ -271,12 +271,27 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     return RunResult(run_dir, "finished", results, outputs)
 
 
+def folder_owner(run_dir: Path) -> str | None:
+    """The config hash of the run a folder holds, finished or part-way; None for a folder with no run in it."""
+    from personalize.runlog import read_done
+
+    done = read_done(run_dir)
+    if done is not None:
+        return done["config_hash"]
+    found = ckpt.latest_cursor(Path(run_dir))
+    return found[0].config_hash if found else None
+
+
+def other_configuration(run_dir: Path, found: str, expected: str) -> RunStateError:
+    return RunStateError(
+        f"{run_dir} holds a run of a different configuration (hash {found}, this one {expected}); "
+        "finished or partial work is never overwritten: choose another output_dir or remove that folder"
+    )
+
+
 def _check_owner(run_dir: Path, found: str, expected: str) -> None:
     if found != expected:
-        raise RunStateError(
-            f"{run_dir} holds a run of a different configuration (hash {found}, this one {expected}); "
-            "finished or partial work is never overwritten: choose another output_dir or remove that folder"
-        )
+        raise other_configuration(run_dir, found, expected)
 
 
 def _write_outputs(ctx: RunContext, export) -> list[str]:

@@ -8,6 +8,7 @@ finished by a marker object uploaded last, so a half-written folder never looks 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -49,15 +50,20 @@ def transfer_config():
     return TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024, max_concurrency=4)
 
 
-def list_keys(uri: str, s3=None) -> list[tuple[str, int]]:
-    """(key relative to the prefix, size) of every object below a prefix."""
+def list_objects(uri: str, s3=None) -> list[tuple[str, int, str]]:
+    """(key relative to the prefix, size, ETag) of every object below a prefix."""
     s3 = s3 or client()
     bucket, prefix = split(uri)
     prefix = prefix + "/" if prefix else ""
     out = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out += [(o["Key"][len(prefix):], o["Size"]) for o in page.get("Contents", [])]
+        out += [(o["Key"][len(prefix):], o["Size"], o.get("ETag", "").strip('"')) for o in page.get("Contents", [])]
     return out
+
+
+def list_keys(uri: str, s3=None) -> list[tuple[str, int]]:
+    """(key relative to the prefix, size) of every object below a prefix."""
+    return [(key, size) for key, size, _ in list_objects(uri, s3)]
 
 
 def exists(uri: str, s3=None) -> bool:
@@ -80,45 +86,104 @@ def read_bytes(uri: str, s3=None) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def delete(uri: str, s3=None) -> None:
+    s3 = s3 or client()
+    bucket, key = split(uri)
+    s3.delete_object(Bucket=bucket, Key=key)
+
+
 def write_bytes(uri: str, data: bytes, s3=None) -> None:
     s3 = s3 or client()
     bucket, key = split(uri)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
 
 
+SYNC_RECORD = ".s3-sync.json"  # in a synced folder: for each file, the object (ETag) and local state it matches
+
+
+def _load_record(folder: Path) -> dict[str, dict]:
+    path = folder / SYNC_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_record(folder: Path, record: dict[str, dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SYNC_RECORD).write_text(json.dumps(record, indent=0, sort_keys=True))
+
+
+def _entry(path: Path, etag: str) -> dict:
+    stat = path.stat()
+    return {"etag": etag, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _in_sync(record: dict[str, dict], key: str, path: Path, etag: str | None) -> bool:
+    """The local file is the very object `etag` names: recorded as such and not modified since."""
+    entry = record.get(key)
+    return bool(entry and etag and entry["etag"] == etag and path.is_file() and _entry(path, etag) == entry)
+
+
 def download_prefix(uri: str, target: str | Path, marker: str | None = None, s3=None) -> Path:
-    """Copy every object below `uri` into `target` (skipping files already there with the same size).
-    With `marker`, the prefix must hold that object: an unfinished folder is an error, not a silent half copy."""
+    """Copy every object below `uri` into `target`.
+
+    A file is skipped only when it is known to be that very object (same ETag, untouched since it was downloaded
+    or uploaded): a local copy left over from another bucket's life, even one of the same size, is replaced, and
+    a file downloaded earlier whose object is gone is removed. With `marker`, the prefix must hold that object:
+    an unfinished folder is an error, not a silent half copy."""
     s3 = s3 or client()
     target = Path(target)
-    keys = list_keys(uri, s3)
-    if not keys:
+    objects = list_objects(uri, s3)
+    if not objects:
         raise FileNotFoundError(f"nothing stored under {uri}")
-    if marker and marker not in {k for k, _ in keys}:
+    if marker and marker not in {k for k, _, _ in objects}:
         raise FileNotFoundError(f"{uri} is not finished (no {marker})")
     bucket, prefix = split(uri)
-    for key, size in keys:
-        local = target / key
-        if local.is_file() and local.stat().st_size == size:
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
-        s3.download_file(bucket, f"{prefix}/{key}" if prefix else key, str(tmp), Config=transfer_config())
-        tmp.rename(local)
+    record = _load_record(target)
+    listed = {k for k, _, _ in objects}
+    for key in [k for k in record if k not in listed]:
+        (target / key).unlink(missing_ok=True)
+        del record[key]
+    try:
+        for key, _, etag in objects:
+            local = target / key
+            if _in_sync(record, key, local, etag):
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.part")
+            s3.download_file(bucket, f"{prefix}/{key}" if prefix else key, str(tmp), Config=transfer_config())
+            tmp.rename(local)
+            record[key] = _entry(local, etag)
+    finally:
+        _save_record(target, record)
     return target
 
 
-def upload_dir(source: str | Path, uri: str, marker: str | None = None, s3=None) -> int:
-    """Upload a folder below `uri`; the `marker` file (if any) goes last, once everything else is there."""
+def upload_dir(source: str | Path, uri: str, marker: str | None = None, s3=None, sync: bool = False) -> int:
+    """Upload a folder below `uri`; the `marker` file (if any) goes last, once everything else is there.
+    With `sync`, files already stored unchanged are skipped and the folder records what it now matches (so a
+    later `download_prefix` into it fetches nothing it already has). Returns the number of files uploaded."""
     s3 = s3 or client()
     source = Path(source)
     bucket, prefix = split(uri)
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
     files.sort(key=lambda p: p.name == marker)  # the marker last
+    record = _load_record(source) if sync else {}
+    stored = {k: etag for k, _, etag in list_objects(uri, s3)} if sync else {}
+    uploaded = []
     for path in files:
-        key = "/".join(filter(None, [prefix, path.relative_to(source).as_posix()]))
-        s3.upload_file(str(path), bucket, key, Config=transfer_config())
-    return len(files)
+        rel = path.relative_to(source).as_posix()
+        if sync and _in_sync(record, rel, path, stored.get(rel)):
+            continue
+        before = path.stat()  # recorded as uploaded: a change during the upload shows as a later mtime
+        s3.upload_file(str(path), bucket, "/".join(filter(None, [prefix, rel])), Config=transfer_config())
+        uploaded.append((rel, before))
+    if sync:
+        stored = {k: (size, etag) for k, size, etag in list_objects(uri, s3)}
+        for rel, before in uploaded:
+            size, etag = stored.get(rel, (None, ""))
+            if size == before.st_size and etag:
+                record[rel] = {"etag": etag, "size": before.st_size, "mtime_ns": before.st_mtime_ns}
+        _save_record(source, record)
+    return len(uploaded)
 
 
 def ensure_bucket(name: str, s3=None) -> None:

@@ -84,7 +84,7 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
     evaluations, eval_error = {}, ""
     if config.evaluation is not None and usable:
         try:
-            evaluations = evaluate_runs(usable, config.evaluation, actors, cap.use_gpu)
+            evaluations = evaluate_runs(usable, config.evaluation, actors, cap.use_gpu, config.storage)
         except Exception as e:  # scorers missing, for instance: the trained runs still stand
             eval_error = _root_cause(e)
             log.error("evaluation failed: %s", eval_error)

@@ -1,11 +1,13 @@
 """Evaluate finished runs with Ray Data: (run x prompt x seed) rows -> sampling actors that load each
 personalised pipeline once (one block per run) -> scoring actors (CLIP, DINO loaded once) -> per-run metrics.
 
-Images hand off through files in each run's evaluation folder; the aggregates and reports are written by
-`personalize.evaluation.write_evaluation`, the same code as `personalize evaluate`."""
+Images travel inside the rows (PNG bytes), so the actors may sit on any node: a sampling actor pulls its run
+folder from an s3 storage root first. The aggregates and reports are written by
+`personalize.evaluation.write_evaluation` on the driver, the same code as `personalize evaluate`."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import asdict
@@ -30,28 +32,41 @@ from personalize.evaluation import (
 log = logging.getLogger(__name__)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def from_png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 class SampleRun:
     """Actor: for each run in the batch, load its pipeline once and generate all of its rows."""
 
-    def __init__(self, settings: str, device: str = "auto"):
+    def __init__(self, settings: str, storage: str | None = None, device: str = "auto"):
         self.settings = EvaluationSpec.model_validate_json(settings)
+        self.storage = storage
         self.device = device
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from personalize.evaluation import RunSampler
+        from personalize.runlog import DONE
+        from pipelines.storage import StorageRoot
 
         out = []
         for run_dir in batch["run_dir"]:
+            if self.storage is not None:  # this node may not have the run folder yet
+                root = StorageRoot(self.storage)
+                root.pull(root.relative(Path(run_dir)), marker=DONE)
             sampler = RunSampler(run_dir, self.device)
             run = sampler.run
             rows = eval_rows(run.spec, run.subject, run.placeholders.strings, self.settings)
             images = sampler.generate(rows, protocol(run.spec, self.settings), self.settings.batch_size)
-            staging = Path(run_dir) / "eval" / "staging"
-            staging.mkdir(parents=True, exist_ok=True)
             for row, image in zip(rows, images):
-                path = staging / f"p{row.prompt_index:02d}-s{row.seed}.png"
-                image.save(path)
-                out.append({"run_dir": run_dir, "row": json.dumps(asdict(row)), "path": str(path)})
+                out.append({"run_dir": run_dir, "spec": run.spec.model_dump_json(), "row": json.dumps(asdict(row)),
+                            "image": png_bytes(image)})
             del sampler
         return pd.DataFrame(out)
 
@@ -66,16 +81,20 @@ class ScoreImages:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         scored = []
         for run_dir, group in batch.groupby("run_dir", sort=False):
-            spec = read_spec(run_dir)
+            spec = RunSpec.model_validate_json(group["spec"].iloc[0])
             rows = [EvalRow(**json.loads(r)) for r in group["row"]]
-            images = [Image.open(p).convert("RGB") for p in group["path"]]
-            for s, path in zip(self.scorers.score(images, rows, self.scorers.reference(spec)), group["path"]):
-                scored.append({"run_dir": run_dir, "scored": json.dumps(s), "path": path})
+            images = [from_png(b) for b in group["image"]]
+            for s, data in zip(self.scorers.score(images, rows, self.scorers.reference(spec)), group["image"]):
+                scored.append({"run_dir": run_dir, "scored": json.dumps(s), "image": data})
         return pd.DataFrame(scored)
 
 
-def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, use_gpu: bool) -> dict[str, RunEvaluation]:
-    """Run dir -> evaluation for every given finished run (finished evaluations are reused)."""
+def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, use_gpu: bool,
+                  storage: str | None = None) -> dict[str, RunEvaluation]:
+    """Run dir -> evaluation for every given finished run (finished evaluations are reused). With an s3
+    `storage` root, the sampling actors pull the run folders they evaluate."""
+    from personalize import storage as object_storage
+
     results, todo = {}, []
     for spec in specs:
         done = finished_evaluation(spec.run_dir, spec, settings)
@@ -85,21 +104,20 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
             todo.append(str(spec.run_dir))
     if not todo:
         return results
+    remote = storage if storage is not None and object_storage.is_s3(storage) else None
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     device = "cuda" if use_gpu else "cpu"
     ds = ray.data.from_items([{"run_dir": r} for r in todo]).repartition(len(todo))
-    sampled = ds.map_batches(SampleRun, fn_constructor_kwargs={"settings": settings.model_dump_json(), "device": device},
+    sampled = ds.map_batches(SampleRun, fn_constructor_kwargs={"settings": settings.model_dump_json(), "storage": remote,
+                                                               "device": device},
                              batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     scored = sampled.map_batches(ScoreImages, fn_constructor_kwargs={"settings": settings.model_dump_json(), "device": device},
                                  batch_size=64, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **resources)
-    by_run: dict[str, list[tuple[dict, str]]] = {}
+    by_run: dict[str, list[tuple[dict, bytes]]] = {}
     for row in scored.take_all():
-        by_run.setdefault(row["run_dir"], []).append((json.loads(row["scored"]), row["path"]))
+        by_run.setdefault(row["run_dir"], []).append((json.loads(row["scored"]), row["image"]))
     for run_dir, items in by_run.items():
         items.sort(key=lambda x: (x[0]["prompt_index"], x[0]["seed"]))
         spec = read_spec(run_dir)
-        images = [Image.open(p).convert("RGB") for _, p in items]
-        results[run_dir] = write_evaluation(Path(run_dir), spec, settings, [s for s, _ in items], images)
-        for _, p in items:
-            Path(p).unlink(missing_ok=True)
+        results[run_dir] = write_evaluation(Path(run_dir), spec, settings, [s for s, _ in items], [from_png(b) for _, b in items])
     return results

@@ -41,7 +41,25 @@ class StorageRoot:
 
     def push(self, rel: str, marker: str | None = None) -> None:
         if self.remote and self.local(rel).exists():
-            storage.upload_dir(self.local(rel), self.uri(rel), marker)
+            storage.upload_dir(self.local(rel), self.uri(rel), marker, sync=True)
+
+    def push_file(self, rel: str) -> None:
+        if self.remote and self.local(rel).is_file():
+            storage.write_bytes(self.uri(rel), self.local(rel).read_bytes())
+
+    def pull_file(self, rel: str) -> bool:
+        """Bring one remote file down if it is stored (True if it was)."""
+        if not self.remote or not storage.exists(self.uri(rel)):
+            return False
+        self.local(rel).parent.mkdir(parents=True, exist_ok=True)
+        self.local(rel).write_bytes(storage.read_bytes(self.uri(rel)))
+        return True
+
+    def remove_file(self, rel: str) -> None:
+        """Delete a file here and, with an s3 root, in the bucket."""
+        self.local(rel).unlink(missing_ok=True)
+        if self.remote and storage.exists(self.uri(rel)):
+            storage.delete(self.uri(rel))
 
     def ray_storage(self, sub: str = "ray") -> tuple[str, object | None]:
         """(storage_path, storage_filesystem) for Ray Train's or Ray Tune's RunConfig."""

@@ -86,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             spec.run_dir.mkdir(parents=True, exist_ok=True)
             (spec.run_dir / FAILED).write_text(json.dumps({"reason": str(e), "config_hash": spec.config_hash()}))
+            root.push_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # the driver may be on another node
             if sink is not None:
                 sink.finish(spec.run_dir, "FAILED", str(e))
 
@@ -129,7 +130,7 @@ def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: di
 
 def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome:
     done = read_done(spec.run_dir)
-    if done is not None:
+    if done is not None and done["config_hash"] == spec.config_hash():
         stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
         return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stages)
     failed = spec.run_dir / FAILED
@@ -138,33 +139,63 @@ def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome
     return TrainOutcome(spec, "failed", error or "training ended without finishing", seconds)
 
 
+def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
+    """What an earlier submission settled for this run: skipped when it finished with this configuration, failed
+    (nothing started, nothing overwritten) when its folder holds another configuration's run; None to train it.
+
+    With an s3 root the bucket is the record and the local folder a cache of it: a finished run is pulled from the
+    bucket; a local copy the bucket does not hold is pushed when it is this configuration's finished run (its upload
+    was cut short) and discarded when it belongs to another configuration (left over from another bucket's life)."""
+    from personalize.runlog import DONE
+    from personalize.stages import folder_owner, other_configuration
+
+    expected = spec.config_hash()
+    if root.remote and not root.pull(root.relative(spec.run_dir), marker=DONE):
+        owner = folder_owner(spec.run_dir)
+        if owner == expected and read_done(spec.run_dir) is not None:
+            root.push(root.relative(spec.run_dir), marker=DONE)
+        elif owner is not None and owner != expected:
+            log.info("discarding %s: a cached run of another configuration that %s does not hold", spec.run_dir, root.uri())
+            shutil.rmtree(spec.run_dir)
+    owner = folder_owner(spec.run_dir)
+    if owner is not None and owner != expected:
+        return TrainOutcome(spec, "failed", str(other_configuration(spec.run_dir, owner, expected)))
+    done = read_done(spec.run_dir)
+    if done is not None:
+        stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
+        return TrainOutcome(spec, "skipped", "already finished", 0.0, stages)
+    root.remove_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # a resubmission retries runs that failed before
+    return None
+
+
 def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
                env: dict, tracking: dict | None = None) -> list[TrainOutcome]:
-    """Train every run, at most `concurrency` at a time; finished ones are skipped without starting anything."""
+    """Train every run, at most `concurrency` at a time; runs settled by an earlier submission start nothing."""
     from personalize.runlog import DONE
     from pipelines.storage import StorageRoot
 
     root = StorageRoot(storage)
     outcomes, pending = [], []
     for spec in specs:
-        if read_done(spec.run_dir) is None:
-            root.pull(root.relative(spec.run_dir), marker=DONE)  # finished on s3 by an earlier submission?
-        done = read_done(spec.run_dir)
-        if done is not None and done["config_hash"] == spec.config_hash():
-            stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
-            outcomes.append(TrainOutcome(spec, "skipped", "already finished", 0.0, stages))
-        else:
-            (spec.run_dir / FAILED).unlink(missing_ok=True)  # a resubmission retries runs that failed before
+        earlier = earlier_outcome(spec, root)
+        if earlier is None:
             pending.append(spec)
+        else:
+            outcomes.append(earlier)
     inflight: dict = {}
     while pending or inflight:
         while pending and len(inflight) < concurrency:
             spec = pending.pop(0)
             log.info("training %s / %s", spec.concept.id, spec.method.name)
-            ref = _fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
+            # the driver's settings (the S3 endpoint above all) reach the trainer's controller too, not only its workers
+            fit = _fit.options(runtime_env={"env_vars": env}) if env else _fit
+            ref = fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
             inflight[ref] = (spec, time.perf_counter())
         ready, _ = ray.wait(list(inflight), num_returns=1)
         spec, began = inflight.pop(ready[0])
+        if root.remote:  # the run may have trained on another node: its folder, or its failure, is in the bucket
+            if not root.pull(root.relative(spec.run_dir), marker=DONE):
+                root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
         outcome = outcome_of(spec, ray.get(ready[0]), time.perf_counter() - began)
         log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
         outcomes.append(outcome)

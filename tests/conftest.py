@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
+# the session's caches (s3 mirrors, class priors, downloaded models) live in a folder of its own, set before any
+# Ray or stack process starts so that they inherit it: nothing is read from or left in the user's ~/.cache
+SESSION_CACHE = tempfile.mkdtemp(prefix="personalize-test-cache-")
+os.environ["PERSONALIZE_CACHE"] = SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

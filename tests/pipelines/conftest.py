@@ -46,3 +46,14 @@ def seaweedfs(tmp_path_factory):
         else:
             os.environ[key] = value
     stack.down()
+
+
+@pytest.fixture
+def ray_with_s3(seaweedfs, local_ray):
+    """The session's Ray started again once the S3 settings exist, so that its processes hold the credentials
+    (as a cluster's nodes do: credentials are never passed through Ray's runtime environment)."""
+    from pipelines.cluster import connect
+
+    local_ray.shutdown()
+    connect(num_cpus=4)
+    yield local_ray

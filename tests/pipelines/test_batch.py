@@ -183,3 +183,16 @@ def test_a_failed_evaluation_is_reported_and_keeps_the_trained_runs(tracked, tmp
     assert list(ball["status"]) == ["skipped", "skipped"]  # trained before: kept, not retrained
     assert all(r.startswith("not evaluated:") and str(missing) in r for r in ball["reason"]), list(ball["reason"])
     assert {m: (runs / m / "DONE.json").read_text() for m in done} == done
+
+
+def test_a_run_folder_of_another_configuration_fails_that_run_and_is_kept(tracked):
+    """Resubmitting with settings that change the learned result, into the same storage: nothing is trained over
+    the finished runs, each is reported failed with the reason, and their folders stay as they were."""
+    runs = tracked["store"] / "runs" / "ball"
+    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage")}
+    assert main([tracked["config"], "latent_variants=2", "tracking.enabled=false"]) == 1  # every run failed
+    frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
+    ball = frame[frame["concept"] == "ball"]
+    assert list(ball["status"]) == ["failed", "failed"]
+    assert all("holds a run of a different configuration" in r for r in ball["reason"]), list(ball["reason"])
+    assert {m: (runs / m / "DONE.json").read_text() for m in done} == done

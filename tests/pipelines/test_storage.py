@@ -79,3 +79,89 @@ def test_an_interrupted_upload_leaves_no_finished_marker(seaweedfs, tmp_path):
     assert storage.exists("s3://personalize/runs/interrupted/a.safetensors")
     with pytest.raises(FileNotFoundError, match="not finished"):
         storage.download_prefix("s3://personalize/runs/interrupted", tmp_path / "x", marker="DONE.json")
+
+
+def counting(s3, method: str) -> list[str]:
+    """Record the keys `method` (upload_file or download_file) is called with, still doing the transfer."""
+    calls, original = [], getattr(s3, method)
+
+    def recording(*args, **kw):
+        calls.append(args[1] if method == "download_file" else args[2])
+        return original(*args, **kw)
+
+    setattr(s3, method, recording)
+    return calls
+
+
+def test_a_mirror_follows_the_bucket_not_what_it_held_before(seaweedfs, tmp_path):
+    """A local copy of the same size left from another bucket's life is replaced, a file deleted from the bucket
+    goes from the copy, and files already in sync move neither way."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text('{"model": "/new/place"}')
+    (source / "gone.txt").write_text("old")
+    storage.upload_dir(source, "s3://personalize/mirror/a")
+    mirror = tmp_path / "mirror"
+    storage.download_prefix("s3://personalize/mirror/a", mirror)
+    (mirror / "config.json").write_text('{"model": "/old/place"}')  # same size, other content
+    storage.client().delete_object(Bucket="personalize", Key="mirror/a/gone.txt")
+    storage.download_prefix("s3://personalize/mirror/a", mirror)
+    assert (mirror / "config.json").read_text() == '{"model": "/new/place"}'
+    assert not (mirror / "gone.txt").exists()
+
+    s3 = storage.client()
+    downloads = counting(s3, "download_file")
+    storage.download_prefix("s3://personalize/mirror/a", mirror, s3=s3)
+    assert downloads == []
+
+    run = tmp_path / "run"  # a folder pushed with sync: a second push uploads only what changed, a pull nothing
+    run.mkdir()
+    for name in ("unet.safetensors", "DONE.json"):
+        (run / name).write_text(name)
+    assert storage.upload_dir(run, "s3://personalize/mirror/run", marker="DONE.json", sync=True) == 2
+    (run / "eval.json").write_text("{}")
+    uploads = counting(s3, "upload_file")
+    assert storage.upload_dir(run, "s3://personalize/mirror/run", marker="DONE.json", s3=s3, sync=True) == 1
+    assert uploads == ["mirror/run/eval.json"]
+    storage.download_prefix("s3://personalize/mirror/run", run, s3=s3)
+    assert downloads == []
+
+
+def test_a_batch_on_s3_trusts_the_bucket_over_a_stale_local_copy(ray_with_s3, tiny_model, tiny_scorers, tmp_path):
+    """The bucket is the record: when it no longer holds a run (a new server, a wiped prefix) the local copy of
+    another configuration's run is not taken for it; a resubmission then skips the run and downloads nothing."""
+    import json
+
+    import pandas as pd
+
+    from pipelines.batch import main
+    from tests.pipelines.conftest import batch_file
+
+    root = "s3://personalize/stale/store"
+    concept = [{"id": "ball", "images": str(draw_concept(tmp_path / "ball", n=3)), "super_category": "ball"}]
+
+    def config(folder, steps):
+        folder.mkdir()
+        return batch_file(folder, tiny_model, tiny_scorers, root, concept, methods=["textual_inversion"], evaluation=None,
+                          method_overrides={"textual_inversion": {"stages.embedding.steps": steps, "stages.embedding.batch_size": 1}})
+
+    first, second = config(tmp_path / "first", 3), config(tmp_path / "second", 2)
+    assert main([first]) == 0
+    s3 = storage.client()
+    for key, _ in storage.list_keys(root):
+        s3.delete_object(Bucket="personalize", Key=f"stale/store/{key}")
+    local = storage.local_mirror(root) / "runs" / "ball" / "textual_inversion"
+    stale_hash = json.loads((local / "DONE.json").read_text())["config_hash"]
+
+    assert main([second]) == 0
+    frame = pd.read_parquet(storage.local_mirror(root) / "results" / "results.parquet")
+    assert list(frame["status"]) == ["finished"], list(frame["reason"])
+    stored = json.loads(storage.read_bytes(f"{root}/runs/ball/textual_inversion/DONE.json"))
+    assert stored["config_hash"] != stale_hash
+    assert json.loads((local / "DONE.json").read_text()) == stored
+
+    before = {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert main([second]) == 0
+    frame = pd.read_parquet(storage.local_mirror(root) / "results" / "results.parquet")
+    assert list(frame["status"]) == ["skipped"]
+    assert {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")} == before
