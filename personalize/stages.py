@@ -282,10 +282,10 @@ def folder_owner(run_dir: Path) -> str | None:
     return found[0].config_hash if found else None
 
 
-def other_configuration(run_dir: Path, found: str, expected: str) -> RunStateError:
+def other_configuration(location: str | Path, found: str, expected: str) -> RunStateError:
     return RunStateError(
-        f"{run_dir} holds a run of a different configuration (hash {found}, this one {expected}); "
-        "finished or partial work is never overwritten: choose another output_dir or remove that folder"
+        f"{location} holds a run of a different configuration (hash {found}, this one {expected}); "
+        "finished or partial work is never overwritten: choose another output_dir or storage, or remove that folder"
     )
 
 

@@ -44,6 +44,20 @@ class Ports:
         return cls(**{k: v + delta for k, v in cls().__dict__.items()})
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process group still has a live member (zombies, which only wait to be reaped, do not count)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            return True
+    return False
+
+
 class Stack:
     def __init__(self, folder: str | Path = ".stack", ports: Ports = Ports()):
         self.folder = Path(folder).resolve()
@@ -126,7 +140,8 @@ class Stack:
         data = self.folder / "mlflow"
         data.mkdir(parents=True, exist_ok=True)
         return [self._bin("mlflow"), "server", "--host", HOST, "--port", str(self.ports.mlflow), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts"]
+                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
+                "--uvicorn-opts", "--timeout-graceful-shutdown 2"]  # open UI connections otherwise hold `down`
 
     @property
     def ray_temp(self) -> Path:
@@ -249,16 +264,20 @@ class Stack:
             return False
         os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + grace
-        while time.time() < deadline and self._alive(name):
-            time.sleep(0.5)
-        if self._alive(name):
+        started = self._started.pop(name, None)
+        while time.time() < deadline and group_running(pid):
+            time.sleep(0.2)
+        if group_running(pid):
             os.killpg(pid, signal.SIGKILL)
+        if started is not None:
+            started.poll()  # reap the leader we started
         self._pid_file(name).unlink(missing_ok=True)
         return True
 
     def down(self) -> list[str]:
         """Stop what `up` started, Ray first (it may hold jobs writing to the others)."""
-        stopped = [name for name, *_ in reversed(self.services()) if self._stop(name)]
+        # Ray's daemons keep nothing worth a graceful shutdown here (its jobs' results are in S3 and MLflow)
+        stopped = [name for name, *_ in reversed(self.services()) if self._stop(name, grace=3 if name == "ray" else 8)]
         self._kill_leftover_ray()
         return stopped
 

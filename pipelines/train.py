@@ -159,7 +159,7 @@ def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
             shutil.rmtree(spec.run_dir)
     owner = folder_owner(spec.run_dir)
     if owner is not None and owner != expected:
-        return TrainOutcome(spec, "failed", str(other_configuration(spec.run_dir, owner, expected)))
+        return TrainOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), owner, expected)))
     done = read_done(spec.run_dir)
     if done is not None:
         stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}

@@ -64,12 +64,11 @@ def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_mode
     job = tmp_path / "job"
     job.mkdir()
     (job / "batch.yaml").write_text(yaml.safe_dump({
-        "name": "e2e", "model": str(tiny_model), "methods": ["textual_inversion", "rare_two_stage"],
+        "name": "e2e", "model": str(tiny_model), "methods": ["rare_two_stage"],
         "concepts": [{"id": n, "images": f"s3://personalize/e2e/concepts/{n}", "super_category": n} for n in ("ball", "box")],
         "storage": "s3://personalize/e2e/store", "resolution": 64, "latent_variants": 1,
         "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
-        "method_overrides": {"textual_inversion": {"stages.embedding.steps": 2, "stages.embedding.batch_size": 1},
-                             "rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
+        "method_overrides": {"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
         "evaluation": {"prompts": "world_eval", "samples": 1, "steps": 1, "clip": str(WORLD / "clip"), "dino": str(WORLD / "identity")},
         "resources": {"max_concurrent_runs": 2}, "tracking": {"experiment": "e2e"},
     }))
@@ -81,9 +80,8 @@ def test_batch_job_on_the_local_stack_shows_up_in_the_mlflow_ui(stack, tiny_mode
     assert "succeeded" in done.stdout
     results = storage.read_bytes("s3://personalize/e2e/store/results/results.md").decode()
     for concept in ("ball", "box"):
-        for method in ("textual_inversion", "rare_two_stage"):
-            assert f"| {concept} | {method} | finished |" in results
-    assert storage.exists("s3://personalize/e2e/store/runs/ball/textual_inversion/DONE.json")
+        assert f"| {concept} | rare_two_stage | finished |" in results
+    assert storage.exists("s3://personalize/e2e/store/runs/ball/rare_two_stage/DONE.json")
     assert storage.exists("s3://personalize/e2e/store/runs/box/rare_two_stage/unet.safetensors")
     artifacts = [k for k, _ in storage.list_keys("s3://mlflow/artifacts")]
     assert any(k.endswith("learned/learned_embeds.safetensors") for k in artifacts)  # MLflow artifacts live in SeaweedFS
@@ -100,7 +98,7 @@ def check_eval_metrics(url: str, context: str) -> None:
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("e2e")
     children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
-    assert len(children) == 4, context
+    assert len(children) == len(CHILDREN), context
     for run in children:
         values = {k: run.data.metrics.get(k) for k in ("eval/clip_t", "eval/clip_i", "eval/dino")}
         assert all(v is not None and math.isfinite(v) for v in values.values()), f"{run.info.run_name}: {values}\n{context}"
@@ -149,7 +147,7 @@ def check_mlflow_ui(url: str, screenshot: Path) -> None:
         assert set(METRICS) <= set(headers), headers
 
 
-CHILDREN = ("ball / textual_inversion", "ball / rare_two_stage", "box / textual_inversion", "box / rare_two_stage")
+CHILDREN = ("ball / rare_two_stage", "box / rare_two_stage")
 METRICS = ("eval/clip_t", "eval/clip_i", "eval/dino")
 
 

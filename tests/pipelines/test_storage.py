@@ -128,8 +128,9 @@ def test_a_mirror_follows_the_bucket_not_what_it_held_before(seaweedfs, tmp_path
 
 
 def test_a_batch_on_s3_trusts_the_bucket_over_a_stale_local_copy(ray_with_s3, tiny_model, tiny_scorers, tmp_path):
-    """The bucket is the record: when it no longer holds a run (a new server, a wiped prefix) the local copy of
-    another configuration's run is not taken for it; a resubmission then skips the run and downloads nothing."""
+    """The bucket is the record: a local copy of another configuration's run that the bucket does not hold (left
+    from another server's life under the same prefix) is not taken for this run; a resubmission then skips the run
+    and touches no file."""
     import json
 
     import pandas as pd
@@ -139,29 +140,23 @@ def test_a_batch_on_s3_trusts_the_bucket_over_a_stale_local_copy(ray_with_s3, ti
 
     root = "s3://personalize/stale/store"
     concept = [{"id": "ball", "images": str(draw_concept(tmp_path / "ball", n=3)), "super_category": "ball"}]
-
-    def config(folder, steps):
-        folder.mkdir()
-        return batch_file(folder, tiny_model, tiny_scorers, root, concept, methods=["textual_inversion"], evaluation=None,
-                          method_overrides={"textual_inversion": {"stages.embedding.steps": steps, "stages.embedding.batch_size": 1}})
-
-    first, second = config(tmp_path / "first", 3), config(tmp_path / "second", 2)
-    assert main([first]) == 0
-    s3 = storage.client()
-    for key, _ in storage.list_keys(root):
-        s3.delete_object(Bucket="personalize", Key=f"stale/store/{key}")
+    config = batch_file(tmp_path, tiny_model, tiny_scorers, root, concept, methods=["textual_inversion"], evaluation=None,
+                        method_overrides={"textual_inversion": {"stages.embedding.steps": 2, "stages.embedding.batch_size": 1}})
     local = storage.local_mirror(root) / "runs" / "ball" / "textual_inversion"
-    stale_hash = json.loads((local / "DONE.json").read_text())["config_hash"]
+    local.mkdir(parents=True)
+    (local / "DONE.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "stages": {}, "outputs": []}))
+    (local / "config.resolved.json").write_text('{"model": "/somewhere/gone"}')
 
-    assert main([second]) == 0
+    assert main([config]) == 0
     frame = pd.read_parquet(storage.local_mirror(root) / "results" / "results.parquet")
     assert list(frame["status"]) == ["finished"], list(frame["reason"])
     stored = json.loads(storage.read_bytes(f"{root}/runs/ball/textual_inversion/DONE.json"))
-    assert stored["config_hash"] != stale_hash
+    assert stored["config_hash"] != "0123456789abcdef"
     assert json.loads((local / "DONE.json").read_text()) == stored
+    assert json.loads((local / "config.resolved.json").read_text())["model"] == str(tiny_model)
 
     before = {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    assert main([second]) == 0
+    assert main([config]) == 0
     frame = pd.read_parquet(storage.local_mirror(root) / "results" / "results.parquet")
     assert list(frame["status"]) == ["skipped"]
     assert {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")} == before
