@@ -23,6 +23,11 @@ pytestmark = [pytest.mark.slow]
 REPEATS = int(os.environ.get("PERSONALIZE_SWEEP_REPEATS", "1"))  # the session's other sweeps share its Ray; raise it to hunt for a hang
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A sweep's CSV table; trial ids stay strings (an id of digits only would otherwise be read as a number)."""
+    return pd.read_csv(path, dtype={"trial_id": str})
+
+
 def sweep_file(folder: Path, batch: str, **extra) -> str:
     config = {"name": "tiny-sweep", "batch": batch, "space": {"stages.token.steps": {"grid": [1, 2]}, "stages.model.lr": {"grid": [1e-5, 1e-3]}},
               "search": {"algorithm": "grid", "samples": 1, "max_concurrent": 2},
@@ -50,7 +55,7 @@ def test_asha_sweep_stops_trials_between_stages_and_exports_a_runnable_best_conf
     batch = base_batch(tmp_path, tiny_model, tiny_scorers, {"enabled": True, "uri": uri, "experiment": "sweeps"})
     assert sweep_main([sweep_file(tmp_path, batch)]) == 0
     out = tmp_path / "store" / "sweeps" / "tiny-sweep"
-    trials = pd.read_csv(out / "trials.csv")
+    trials = read_table(out / "trials.csv")
     assert len(trials) == 4 and set(trials["status"]) <= {"finished", "stopped"}
     stopped = trials[trials["status"] == "stopped"]
     assert len(stopped) >= 1 and (stopped["reports"] < 3).all()  # stopped at a stage boundary, before the end
@@ -95,9 +100,9 @@ def test_optuna_pareto_and_resume_of_an_interrupted_sweep(local_ray, tiny_model,
     assert sweep_main([config]) == 0  # resubmitted: restored, the remaining trials run
     assert {p: p.stat().st_mtime_ns for p in first} == stamp  # the finished trial was not rerun
     out = tmp_path / "store" / "sweeps" / "pareto-sweep"
-    trials = pd.read_csv(out / "trials.csv")
+    trials = read_table(out / "trials.csv")
     assert len(trials) == 2 and (trials["status"] == "finished").all()
-    front = pd.read_csv(out / "pareto.csv")
+    front = read_table(out / "pareto.csv")
     assert len(front) >= 1
     points = trials[["clip_t", "dino"]].to_numpy()
     on_front = set(front["trial_id"])
@@ -115,7 +120,7 @@ def test_a_hanging_trial_is_failed_not_waited_on(local_ray, tiny_model, tiny_sco
     began = time.time()
     assert sweep_main([config]) == 0  # the trial without the hang still finishes
     assert time.time() - began < 600
-    trials = pd.read_csv(tmp_path / "store" / "sweeps" / "hang-sweep" / "trials.csv")
+    trials = read_table(tmp_path / "store" / "sweeps" / "hang-sweep" / "trials.csv")
     statuses = dict(zip(trials["overrides"].map(lambda o: json.loads(o)["stages.token.steps"]), trials["status"]))
     assert statuses == {1: "finished", 2: "timed out"}
 
@@ -131,5 +136,5 @@ def test_every_trial_ends_across_repeated_tiny_sweeps(local_ray, tiny_model, tin
         began = time.time()
         assert sweep_main([config]) == 0
         assert time.time() - began < 300, f"repeat {repeat} took {time.time() - began:.0f} s"
-        trials = pd.read_csv(tmp_path / "store" / "sweeps" / f"repeat-{repeat}" / "trials.csv")
+        trials = read_table(tmp_path / "store" / "sweeps" / f"repeat-{repeat}" / "trials.csv")
         assert len(trials) == 2 and (trials["status"] == "finished").all(), trials.to_string()
