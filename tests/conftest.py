@@ -17,12 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 # the session's caches (s3 mirrors, class priors, downloaded models) live in a folder of its own, set before any
 # Ray or stack process starts so that they inherit it: nothing is read from or left in the user's ~/.cache
-SESSION_CACHE = tempfile.mkdtemp(prefix="personalize-test-cache-")
-os.environ["PERSONALIZE_CACHE"] = SESSION_CACHE
+# (Ray workers import this module too when they load a test's function: they inherit the folder, never make one)
+OWNS_CACHE = "PERSONALIZE_TEST_SESSION_CACHE" not in os.environ
+if OWNS_CACHE:
+    os.environ["PERSONALIZE_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="personalize-test-cache-")
+os.environ["PERSONALIZE_CACHE"] = os.environ["PERSONALIZE_TEST_SESSION_CACHE"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    if OWNS_CACHE:
+        shutil.rmtree(os.environ["PERSONALIZE_TEST_SESSION_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
