@@ -57,7 +57,7 @@ class SampleRun:
 
         out = []
         for run_dir in batch["run_dir"]:
-            if self.storage is not None:  # this node may not have the run folder yet
+            if self.storage is not None:  # this node may not have the run folder yet (a local root pulls nothing)
                 root = StorageRoot(self.storage)
                 root.pull(root.relative(Path(run_dir)), marker=DONE)
             sampler = RunSampler(run_dir, self.device)
@@ -93,8 +93,6 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
                   storage: str | None = None) -> dict[str, RunEvaluation]:
     """Run dir -> evaluation for every given finished run (finished evaluations are reused). With an s3
     `storage` root, the sampling actors pull the run folders they evaluate."""
-    from personalize import storage as object_storage
-
     results, todo = {}, []
     for spec in specs:
         done = finished_evaluation(spec.run_dir, spec, settings)
@@ -104,11 +102,10 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
             todo.append(str(spec.run_dir))
     if not todo:
         return results
-    remote = storage if storage is not None and object_storage.is_s3(storage) else None
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     device = "cuda" if use_gpu else "cpu"
     ds = ray.data.from_items([{"run_dir": r} for r in todo]).repartition(len(todo))
-    sampled = ds.map_batches(SampleRun, fn_constructor_kwargs={"settings": settings.model_dump_json(), "storage": remote,
+    sampled = ds.map_batches(SampleRun, fn_constructor_kwargs={"settings": settings.model_dump_json(), "storage": storage,
                                                                "device": device},
                              batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     scored = sampled.map_batches(ScoreImages, fn_constructor_kwargs={"settings": settings.model_dump_json(), "device": device},

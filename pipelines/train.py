@@ -128,11 +128,15 @@ def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: di
         return f"{type(e).__name__}: {e}"
 
 
+def stage_seconds(done: dict) -> dict[str, float]:
+    """Stage name -> seconds, from a run's DONE.json."""
+    return {name: timing["seconds"] for name, timing in done.get("stages", {}).items()}
+
+
 def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome:
     done = read_done(spec.run_dir)
     if done is not None and done["config_hash"] == spec.config_hash():
-        stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
-        return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stages)
+        return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stage_seconds(done))
     failed = spec.run_dir / FAILED
     if failed.is_file():
         return TrainOutcome(spec, "failed", json.loads(failed.read_text())["reason"], seconds)
@@ -162,8 +166,7 @@ def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
         return TrainOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), owner, expected)))
     done = read_done(spec.run_dir)
     if done is not None:
-        stages = {k: v["seconds"] for k, v in done.get("stages", {}).items()}
-        return TrainOutcome(spec, "skipped", "already finished", 0.0, stages)
+        return TrainOutcome(spec, "skipped", "already finished", 0.0, stage_seconds(done))
     root.remove_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # a resubmission retries runs that failed before
     return None
 
