@@ -45,7 +45,7 @@ def sizes(folder: Path) -> dict[str, float]:
 
 
 def vae_origin(record: dict) -> str:
-    return f" (trained by an earlier run: {record['reused_from_note']})" if record.get("reused_from_note") else ""
+    return f" (reused from {record['reused_from']})" if record.get("reused_from") else ""
 
 
 def main() -> None:
@@ -73,10 +73,12 @@ def main() -> None:
         "Trained from scratch by this project on procedurally rendered pictures (`microworld/world.py`: 8 shapes, 8",
         "colours, 4 patterns, 6 scenes, 4 styles, 64x64), so that personalization quality can be measured offline.",
         "",
-        f"- command: `{record['command']}`",
-        f"- device: {record['device']}; wall time of the whole run: {record['wall_minutes']} min",
-        f"- data: {record['data']['images']} rendered pictures, seed {record['data']['seed']}; training captions drop the",
-        "  colour (10 %), pattern (20 %) or scene (15 %) so that short prompts work; 10 % empty captions for guidance",
+        "Made by these runs (each part's record in `training.json` names its run):",
+        "",
+        *[f"- `{command}`: {run['device']}, {run['wall_minutes']} min" for command, run in record.get("runs", {}).items()],
+        "",
+        f"Data: {base.get('data', {}).get('images')} rendered pictures, seed {base.get('data', {}).get('seed')}; training captions drop the",
+        "colour (10 %), pattern (20 %) or scene (15 %) so that short prompts work; 10 % empty captions for guidance.",
         "",
         "## model/ (a Stable Diffusion pipeline in diffusers format)",
         "",
@@ -88,8 +90,8 @@ def main() -> None:
         f"| text_encoder | CLIPTextModel, real 49,408-token CLIP tokenizer, {base.get('text_encoder_params')} parameters | "
         "trained jointly with the UNet |",
         f"| unet | UNet2DConditionModel, cross-attention at 16x16 and 8x8, {base.get('unet_params')} parameters | "
-        f"{base.get('steps')} steps, batch {base.get('batch')}, lr {base.get('lr')} cosine, EMA {base.get('ema_decay')}, "
-        f"final loss (running mean) {base.get('final_loss_ema')} |",
+        f"{base.get('steps')} steps, batch {base.get('batch')}, {base.get('prediction_type', 'epsilon')} objective, lr {base.get('lr')} "
+        f"cosine, EMA {base.get('ema_decay')}, final loss (running mean) {base.get('final_loss_ema')} |",
         "",
         f"Weights are stored in fp16 ({total:.1f} MB for unet + vae + text encoder) and load in fp32 with a plain",
         "`StableDiffusionPipeline.from_pretrained(\"models/microworld/model\")`.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from concurrent.futures import ProcessPoolExecutor
 
@@ -22,9 +23,14 @@ def _chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str], list[str]
     return np.stack(images), captions, full
 
 
-def render_set(count: int, seed: int, workers: int = 2) -> tuple[np.ndarray, list[str], list[str]]:
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def render_set(count: int, seed: int, workers: int | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """`count` training pictures (N, 64, 64, 3) uint8, their training captions (parts sometimes left out) and
-    their full captions; the same for the same (count, seed)."""
+    their full captions; the same for the same (count, seed), whatever the number of worker processes."""
+    workers = workers or default_workers()
     size = max(1, count // (workers * 8))
     jobs = [(s, min(size, count - s), seed) for s in range(0, count, size)]
     with ProcessPoolExecutor(workers) as pool:

@@ -55,7 +55,7 @@ def world_scheduler() -> DDIMScheduler:
     low frequencies visible at t = T (signal 0.068), so a model reads the background from the noise instead of
     the prompt and samples take their scene from the seed. Linear betas leave 0.006 there."""
     return DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1, timestep_spacing="trailing", prediction_type="epsilon")
+                         steps_offset=1, timestep_spacing="trailing", prediction_type="v_prediction")
 
 
 CLIP_CONFIG = {

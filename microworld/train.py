@@ -1,8 +1,12 @@
 """Train the micro world's models from scratch: VAE, text encoder + UNet (a tiny Stable Diffusion), a world
 CLIP and a self-supervised identity encoder; write them with model cards.
 
-    python -m microworld.train --out models/microworld                 # the committed models, ~2 h on 2 CPU cores
+    python -m microworld.train --out models/microworld                 # every part, ~2 h on 2 CPU cores
     python -m microworld.train --out /tmp/mw --scale 0.05              # a quick smoke run of every part
+    python -m microworld.train --device cuda --images 100000 --base-batch 256 --clip-batch 512 \
+        --vae-minutes 1 --base-minutes 4.5 --clip-minutes 2 --identity-minutes 0.5   # ~9 min on one GPU
+
+Every part trains for a wall-clock budget; learning rates follow a cosine over the fraction of it used.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +44,23 @@ from personalize.tokens import tokenize
 
 @dataclass
 class Plan:
-    """Wall-clock minutes per part and the size of the rendered training set (scaled together by --scale)."""
+    """Wall-clock minutes per part, batch sizes and the size of the rendered training set (budgets and data
+    size scale together with --scale)."""
 
     images: int = 60_000
     vae_minutes: float = 13.0
     base_minutes: float = 80.0
     clip_minutes: float = 12.0
     identity_minutes: float = 8.0
+    vae_batch: int = 32
+    base_batch: int = 32
+    base_lr: float = 5e-4
+    clip_batch: int = 256
 
     def scaled(self, k: float) -> Plan:
-        return Plan(max(512, int(self.images * k)), self.vae_minutes * k, self.base_minutes * k, self.clip_minutes * k,
-                    self.identity_minutes * k)
+        return replace(self, images=max(512, int(self.images * k)), vae_minutes=self.vae_minutes * k,
+                       base_minutes=self.base_minutes * k, clip_minutes=self.clip_minutes * k,
+                       identity_minutes=self.identity_minutes * k)
 
 
 @dataclass
@@ -63,43 +73,59 @@ class Log:
         print(f"[{time.strftime('%H:%M:%S')}] {part}: {text}", flush=True)
 
 
+class RunningMean:
+    """An exponential running mean of a loss, kept on its device: read back (a sync) only when printed."""
+
+    def __init__(self, keep: float):
+        self.keep, self.value = keep, None
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.value = loss if self.value is None else self.keep * self.value + (1 - self.keep) * loss
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
 def budget_loop(minutes: float, min_steps: int = 1):
-    """Step numbers until the time budget is spent (at least `min_steps`)."""
+    """(step, fraction of the time budget used) until the budget is spent (at least `min_steps` steps)."""
     began, step = time.perf_counter(), 0
-    while step < min_steps or time.perf_counter() - began < minutes * 60:
-        yield step
+    while True:
+        used = (time.perf_counter() - began) / (minutes * 60)
+        if step >= min_steps and used >= 1:
+            return
+        yield step, min(used, 1.0)
         step += 1
 
 
-def cosine_lr(step: int, warmup: int, peak: float, horizon: int) -> float:
+def cosine_lr(step: int, used: float, warmup: int, peak: float) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine to 10 % of `peak` over the time budget."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * used)))
 
 
 # ---------------------------------------------------------------------------------------------- VAE
 
 
-def train_vae(pixels: torch.Tensor, minutes: float, device: torch.device, log: Log, arch: WorldArch) -> tuple:
+def train_vae(pixels: torch.Tensor, minutes: float, device: torch.device, log: Log, arch: WorldArch, batch: int = 32) -> tuple:
     torch.manual_seed(1)
     vae = world_vae(arch).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    horizon = max(200, int(minutes * 60 / 0.7))
-    loss_value = float("nan")
-    for step in budget_loop(minutes, 20):
+    loss_value = RunningMean(0.98)
+    for step, used in budget_loop(minutes, 20):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, 50, 1e-3, horizon)
-        x = pixels[torch.randint(len(pixels), (32,))].to(device)
+            g["lr"] = cosine_lr(step, used, 50, 1e-3)
+        x = pixels[torch.randint(len(pixels), (batch,), device=pixels.device)].to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = 0.98 * loss_value + 0.02 * float(loss) if step else float(loss)
+        loss_value.add(loss)
         if step % 100 == 0:
-            log.say("vae", f"step {step} loss {loss_value:.4f}")
+            log.say("vae", f"step {step} loss {float(loss_value):.4f}")
     vae.eval()
     with torch.no_grad():
         x = pixels[:256].to(device)
@@ -107,19 +133,24 @@ def train_vae(pixels: torch.Tensor, minutes: float, device: torch.device, log: L
         mse = float(F.mse_loss(vae.decode(dist.mean).sample, x))
         scaling = float(1.0 / dist.mean.std())
     vae.register_to_config(scaling_factor=scaling)
-    log.records["vae"] = {"steps": step + 1, "batch": 32, "final_loss": round(loss_value, 5), "recon_mse": round(mse, 5),
+    log.records["vae"] = {"steps": step + 1, "batch": batch, "final_loss": round(float(loss_value), 5), "recon_mse": round(mse, 5),
                           "scaling_factor": round(scaling, 5), "minutes": minutes}
     log.say("vae", f"done: {step + 1} steps, reconstruction MSE {mse:.4f}, latent scaling {scaling:.4f}")
     return vae, scaling
 
 
 def reuse_vae(folder: Path, log: Log) -> tuple:
+    """The VAE of an earlier run's pipeline folder, with that run's record of it (when its training.json is there)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     earlier = folder.parent / "training.json"
     if earlier.exists():
-        log.records["vae"] = json.loads(earlier.read_text()).get("vae", {})
+        records = json.loads(earlier.read_text())
+        log.records["vae"] = records.get("vae", {})
+        command = log.records["vae"].get("command")
+        if command in records.get("runs", {}):
+            log.records.setdefault("runs", {})[command] = records["runs"][command]
     log.records.setdefault("vae", {})["reused_from"] = str(folder)
     log.say("vae", f"reusing the VAE of {folder}")
     return vae, float(vae.config.scaling_factor)
@@ -139,7 +170,8 @@ def encode_all(vae, pixels: torch.Tensor, device: torch.device) -> tuple[torch.T
 
 
 def train_base(mean, std, captions, scaling: float, minutes: float, device: torch.device, log: Log, arch: WorldArch,
-               batch: int = 32):
+               batch: int = 32, lr: float = 5e-4):
+    """Text encoder + UNet, jointly, with the objective the scheduler names (v-prediction for the world model)."""
     torch.manual_seed(2)
     tokenizer = clip_tokenizer()
     text_encoder, unet = world_text_encoder(arch).to(device), world_unet(arch).to(device)
@@ -147,41 +179,41 @@ def train_base(mean, std, captions, scaling: float, minutes: float, device: torc
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     scheduler = DDPMScheduler.from_config(world_scheduler().config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    ids = tokenize(tokenizer, captions)
-    empty = tokenize(tokenizer, [""])
-    horizon = max(500, int(minutes * 60 / 0.8))
-    loss_value, rng = float("nan"), torch.Generator().manual_seed(3)
-    for step in budget_loop(minutes, 20):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    mean, std = mean.to(device), std.to(device)
+    ids, empty = tokenize(tokenizer, captions).to(device), tokenize(tokenizer, [""]).to(device)
+    loss_value, rng = RunningMean(0.99), torch.Generator(device).manual_seed(3)
+    for step, used in budget_loop(minutes, 20):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, 200, 5e-4, horizon)
-        idx = torch.randint(len(mean), (batch,), generator=rng)
-        latents = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=rng)) * scaling
+            g["lr"] = cosine_lr(step, used, 200, lr)
+        idx = torch.randint(len(mean), (batch,), generator=rng, device=device)
+        latents = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=rng, device=device)) * scaling
         tokens = ids[idx].clone()
-        drop = torch.rand(batch, generator=rng) < 0.1  # unconditional samples for classifier-free guidance
+        drop = torch.rand(batch, generator=rng, device=device) < 0.1  # unconditional samples for classifier-free guidance
         tokens[drop] = empty
-        noise = torch.randn(latents.shape, generator=rng)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=rng)
+        noise = torch.randn(latents.shape, generator=rng, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=rng, device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy.to(device), t.to(device), text_encoder(tokens.to(device))[0]).sample
-        loss = F.mse_loss(pred, noise.to(device))
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
+        loss = F.mse_loss(pred, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for target, source in ((ema, unet), (ema_text, text_encoder)):
-                for e, p in zip(target.parameters(), source.parameters()):
-                    e.lerp_(p, 1 - decay)
-        loss_value = 0.99 * loss_value + 0.01 * float(loss) if step else float(loss)
+            for target_model, source in ((ema, unet), (ema_text, text_encoder)):
+                torch._foreach_lerp_(list(target_model.parameters()), list(source.parameters()), 1 - decay)
+        loss_value.add(loss)
         if step % 100 == 0:
-            log.say("base", f"step {step} loss {loss_value:.4f} lr {opt.param_groups[0]['lr']:.2e}")
-    log.records["base"] = {"steps": step + 1, "batch": batch, "final_loss_ema": round(loss_value, 5), "minutes": minutes,
+            log.say("base", f"step {step} loss {float(loss_value):.4f} lr {opt.param_groups[0]['lr']:.2e}")
+    log.records["base"] = {"steps": step + 1, "batch": batch, "final_loss_ema": round(float(loss_value), 5), "minutes": minutes,
                            "unet_params": sum(p.numel() for p in unet.parameters()),
                            "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
-                           "ema_decay": 0.999, "caption_dropout": 0.1, "lr": 5e-4}
-    log.say("base", f"done: {step + 1} steps, loss {loss_value:.4f}")
+                           "ema_decay": 0.999, "caption_dropout": 0.1, "lr": lr,
+                           "prediction_type": scheduler.config.prediction_type}
+    log.say("base", f"done: {step + 1} steps, loss {float(loss_value):.4f}")
     return tokenizer, ema_text.eval(), ema.eval()
 
 
@@ -203,22 +235,26 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- world CLIP
 
 
-def train_clip(pixels: torch.Tensor, captions: list[str], minutes: float, device: torch.device, log: Log, batch: int = 256):
+def train_clip(pixels: torch.Tensor, captions: list[str], short_captions: list[str], minutes: float, device: torch.device,
+               log: Log, batch: int = 256):
+    """Contrastive training; each picture is paired with its full caption or, half the time, its training caption
+    (colour, pattern or scene sometimes left out) so that short prompts embed well too. Pictures whose captions
+    are identical are positives of each other."""
     torch.manual_seed(4)
     model = world_clip().to(device)
     tokenizer = clip_tokenizer()
-    ids = tokenize(tokenizer, captions)
+    full, short = tokenize(tokenizer, captions).to(device), tokenize(tokenizer, short_captions).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    horizon = max(200, int(minutes * 60 / 1.0))
-    loss_value, rng = float("nan"), torch.Generator().manual_seed(5)
-    for step in budget_loop(minutes, 10):
+    loss_value, rng = RunningMean(0.98), torch.Generator(device).manual_seed(5)
+    for step, used in budget_loop(minutes, 10):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, 100, 1e-3, horizon)
-        idx = torch.randint(len(pixels), (batch,), generator=rng)
+            g["lr"] = cosine_lr(step, used, 100, 1e-3)
+        idx = torch.randint(len(pixels), (batch,), generator=rng, device=device)
+        ids = torch.where((torch.rand(batch, generator=rng, device=device) < 0.5)[:, None], short[idx], full[idx])
         image = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
-        text = F.normalize(model.encode_text(ids[idx].to(device)), dim=-1)
+        text = F.normalize(model.encode_text(ids), dim=-1)
         logits = model.logit_scale.exp() * image @ text.T
-        same = (ids[idx][:, None] == ids[idx][None]).all(-1).float().to(device)  # identical captions are positives
+        same = (ids[:, None] == ids[None]).all(-1).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
         loss.backward()
@@ -226,21 +262,22 @@ def train_clip(pixels: torch.Tensor, captions: list[str], minutes: float, device
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        loss_value = 0.98 * loss_value + 0.02 * float(loss) if step else float(loss)
+        loss_value.add(loss)
         if step % 50 == 0:
-            log.say("clip", f"step {step} loss {loss_value:.4f}")
-    log.records["clip"] = {"steps": step + 1, "batch": batch, "final_loss": round(loss_value, 5), "minutes": minutes}
-    log.say("clip", f"done: {step + 1} steps, loss {loss_value:.4f}")
+            log.say("clip", f"step {step} loss {float(loss_value):.4f}")
+    log.records["clip"] = {"steps": step + 1, "batch": batch, "final_loss": round(float(loss_value), 5), "minutes": minutes,
+                           "captions": "full or training caption, half each"}
+    log.say("clip", f"done: {step + 1} steps, loss {float(loss_value):.4f}")
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- identity encoder
 
 
-def _identity_views(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of photos of the same object (any colour pair, pattern, mark) in different poses and scenes."""
+def _identity_chunk(args: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     from microworld.world import COLOURS, MARKS, PATTERNS, SCENES, SHAPES, Scene, Thing, render
 
+    count, seed = args
     rng = random.Random(seed)
     a, b = [], []
     colours = list(COLOURS)
@@ -252,6 +289,20 @@ def _identity_views(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
                           angle=rng.uniform(-30, 30))
             out.append(np.asarray(render(Scene(thing, rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)))))
     return np.stack(a), np.stack(b)
+
+
+def _identity_views(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of photos of the same object (any colour pair, pattern, mark) in different poses and scenes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from microworld.data import default_workers
+
+    workers = default_workers()
+    size = max(1, -(-count // (workers * 4)))
+    jobs = [(min(size, count - s), seed * 1_000_003 + s) for s in range(0, count, size)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_identity_chunk, jobs))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def train_identity(minutes: float, pairs: int, device: torch.device, log: Log, batch: int = 128):
@@ -266,11 +317,10 @@ def train_identity(minutes: float, pairs: int, device: torch.device, log: Log, b
 
     model = world_identity_encoder().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    horizon = max(200, int(minutes * 60 / 0.6))
-    loss_value, rng = float("nan"), torch.Generator().manual_seed(8)
-    for step in budget_loop(minutes, 10):
+    loss_value, rng = RunningMean(0.98), torch.Generator().manual_seed(8)
+    for step, used in budget_loop(minutes, 10):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, 50, 1e-3, horizon)
+            g["lr"] = cosine_lr(step, used, 50, 1e-3)
         idx = torch.randint(len(a), (batch,), generator=rng).numpy()
         za = F.normalize(model(pixel_values=prep(a[idx]).to(device)).last_hidden_state[:, 0], dim=-1)
         zb = F.normalize(model(pixel_values=prep(b[idx]).to(device)).last_hidden_state[:, 0], dim=-1)
@@ -280,12 +330,12 @@ def train_identity(minutes: float, pairs: int, device: torch.device, log: Log, b
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = 0.98 * loss_value + 0.02 * float(loss) if step else float(loss)
+        loss_value.add(loss)
         if step % 50 == 0:
-            log.say("identity", f"step {step} loss {loss_value:.4f}")
-    log.records["identity"] = {"steps": step + 1, "batch": batch, "pairs": pairs, "final_loss": round(loss_value, 5),
+            log.say("identity", f"step {step} loss {float(loss_value):.4f}")
+    log.records["identity"] = {"steps": step + 1, "batch": batch, "pairs": pairs, "final_loss": round(float(loss_value), 5),
                                "minutes": minutes, "temperature": 0.1}
-    log.say("identity", f"done: {step + 1} steps, loss {loss_value:.4f}")
+    log.say("identity", f"done: {step + 1} steps, loss {float(loss_value):.4f}")
     return model.eval()
 
 
@@ -298,38 +348,56 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget and the data size")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--vae-from", help="reuse the VAE of an earlier run's pipeline folder instead of training one")
-    parser.add_argument("--base-minutes", type=float, help="override the text-to-image training budget")
     parser.add_argument("--parts", nargs="+", default=["base", "clip", "identity"], choices=["base", "clip", "identity"])
+    for f in fields(Plan):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), help=f"override the plan's {f.name}")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     plan, arch, log, out = Plan().scaled(args.scale), WorldArch(), Log(), Path(args.out)
+    plan = replace(plan, **{f.name: getattr(args, f.name) for f in fields(Plan) if getattr(args, f.name) is not None})
+    command = " ".join(["python -m microworld.train", *sys.argv[1:]])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     began = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = out / "training.json"
+    if earlier.exists() and set(args.parts) != {"base", "clip", "identity"}:  # parts not retrained keep their record
+        log.records = json.loads(earlier.read_text())
+
+    def record(*parts: str) -> None:  # after every part, so that an interrupted run still says what it made
+        minutes = round((time.perf_counter() - began) / 60, 1)
+        for part in parts:
+            log.records[part].update(command=command, device=where)
+        log.records.setdefault("runs", {})[command] = {"device": where, "wall_minutes": minutes}
+        earlier.write_text(json.dumps(log.records, indent=1))
+
     log.say("data", f"rendering {plan.images} pictures")
     images, captions, full_captions = render_set(plan.images, seed=0)
-    pixels = to_tensor(images)
-    log.records["data"] = {"images": plan.images, "seed": 0}
-    if args.base_minutes:
-        plan.base_minutes = args.base_minutes
+    pixels = to_tensor(images).to(device)
+    data = {"images": plan.images, "seed": 0}
     if "base" in args.parts:
-        vae, scaling = reuse_vae(Path(args.vae_from), log) if args.vae_from else train_vae(pixels, plan.vae_minutes, device, log, arch)
+        if args.vae_from:
+            vae, scaling = reuse_vae(Path(args.vae_from), log)
+        else:
+            vae, scaling = train_vae(pixels, plan.vae_minutes, device, log, arch, plan.vae_batch)
         vae = vae.to(device)
         mean, std = encode_all(vae, pixels, device)
-        tokenizer, text_encoder, unet = train_base(mean, std, captions, scaling, plan.base_minutes, device, log, arch)
+        tokenizer, text_encoder, unet = train_base(mean, std, captions, scaling, plan.base_minutes, device, log, arch,
+                                                   plan.base_batch, plan.base_lr)
         save_pipeline(vae.float().cpu(), text_encoder.cpu(), unet.cpu(), tokenizer, out / "model")
+        log.records["base"]["data"] = data
+        record("base", *([] if args.vae_from else ["vae"]))
     if "clip" in args.parts:
         from personalize.metrics import save_open_clip
 
-        save_open_clip(train_clip(pixels, full_captions, plan.clip_minutes, device, log).cpu().half(), CLIP_CONFIG,
-                       out / "clip", CLIP_PREPROCESS)
+        clip = train_clip(pixels, full_captions, captions, plan.clip_minutes, device, log, plan.clip_batch)
+        save_open_clip(clip.cpu().half(), CLIP_CONFIG, out / "clip", CLIP_PREPROCESS)
+        log.records["clip"]["data"] = data
+        record("clip")
     if "identity" in args.parts:
         train_identity(plan.identity_minutes, max(2000, plan.images // 3), device, log).cpu().save_pretrained(out / "identity")
-    log.records["wall_minutes"] = round((time.perf_counter() - began) / 60, 1)
-    log.records["command"] = " ".join(["python -m microworld.train", *sys.argv[1:]])
-    log.records["device"] = str(device) + ("" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(log.records, indent=1))
-    log.say("all", f"finished in {log.records['wall_minutes']} min; now run: python -m microworld.card --models {out}")
+        record("identity")
+    log.say("all", f"finished in {(time.perf_counter() - began) / 60:.1f} min; now run: python -m microworld.card --models {out}")
 
 
 if __name__ == "__main__":

@@ -42,17 +42,15 @@ def test_samples_follow_their_prompts(clip):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     scores, _ = prompt_following(pipe, clip, per_colour=4, steps=25)
-    # The committed model follows prompts above chance but short of the 80 % colour target (its model card
-    # records 31 % colour, 38 % scene on this very sample): these bounds pin what it does, at ~2x chance.
-    assert scores["colour"] >= 0.25, scores  # 8 colours: chance is 12.5 %
-    assert scores["scene"] >= 0.3, scores  # 6 scenes: chance is 16.7 %
+    # the committed model's card records 97 % colour and 100 % scene on this very sample
+    assert scores["colour"] >= 0.8, scores  # 8 colours: chance is 12.5 %
+    assert scores["scene"] >= 0.8, scores  # 6 scenes: chance is 16.7 %
 
 
 def test_world_clip_zero_shot(clip):
     accuracy = zero_shot_accuracy(clip, count=240)
-    assert accuracy["colour"] >= 0.85 and accuracy["scene"] >= 0.85, accuracy
-    # shape is the world CLIP's weak attribute (20 % on this sample, chance 12.5 %; the target was 90 %)
-    assert accuracy["shape"] >= 0.17, accuracy
+    # the card records colour 100 %, shape 98 %, scene 100 % on this very sample
+    assert min(accuracy.values()) >= 0.9, accuracy
 
 
 def test_identity_encoder_tells_the_held_out_concepts_apart():
