@@ -137,38 +137,51 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store, \
             gradient_checkpointing(ctx, trainable, enabled=spec.gradient_checkpointing and capture is None):
         engine = StepEngine(ctx, needs, store, prompts, stage.context_prompts)
-        for step in bar:
-            maybe_inject_fault(stage.name, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(stage, step)
-            optimizer.zero_grad(set_to_none=True)
-            totals = accumulate(ctx, engine, stage, terms, scaler, (spec.seed, "step", index, step), rank, world_size)
+        readback = DeferredReadback(ctx.device)
+
+        def report(step: int, values: list[float]) -> None:
+            nonlocal last
+            totals = dict(zip([*terms, "loss"], values))
             if not all(math.isfinite(v) for v in totals.values()):
                 raise FloatingPointError(f"stage {stage.name} step {step}: non-finite loss {totals}")
-            average_gradients(trainable.values())
-            if stage.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable.values(), stage.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if rows is not None:
-                lock.after_update(rows, step + 1)
             last = totals
             sink.log_metrics({f"train/{stage.name}/{k}": v for k, v in totals.items()}, global_step + step)
             bar.set_postfix(loss=f"{totals['loss']:.4g}")
-            done = step + 1
-            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
-                state = {**lock.state(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
-                ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
-                          learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
+
+        try:
+            for step in bar:
+                maybe_inject_fault(stage.name, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(stage, step)
+                optimizer.zero_grad(set_to_none=True)
+                sums = accumulate(ctx, engine, stage, terms, scaler, (spec.seed, "step", index, step), rank, world_size)
+                readback.flush(report)  # the previous step's losses: ready by now, so reading them costs the GPU no wait
+                average_gradients(trainable.values())
+                if stage.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable.values(), stage.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                if rows is not None:
+                    lock.after_update(rows, step + 1)
+                readback.push(step, sums)
+                done = step + 1
+                if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
+                    readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
+                    state = {**lock.state(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                    ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
+                              learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
+        finally:  # the last step's losses, also when a step fails after it
+            readback.flush(report)
     for p in trainable.values():
         p.requires_grad_(False)
     return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)
 
 
 def accumulate(ctx: RunContext, engine: StepEngine, stage: StageSpec, terms: dict, scaler, step_key: tuple,
-               rank: int, world_size: int) -> dict[str, float]:
-    """Forward and backward over the stage's micro-batches; returns each term's (and the total's) mean value."""
+               rank: int, world_size: int) -> torch.Tensor:
+    """Forward and backward over the stage's micro-batches; returns each term's (and the total's) mean value, as
+    one tensor still on the device."""
     sums = None
     for micro in range(stage.grad_accum):
         gen = generator(*step_key, micro, *((rank,) if world_size > 1 else ()))
@@ -178,7 +191,36 @@ def accumulate(ctx: RunContext, engine: StepEngine, stage: StageSpec, terms: dic
         scaler.scale(loss / stage.grad_accum).backward()
         step_values = torch.stack([v.detach().float() for v in values] + [loss.detach().float()]) / stage.grad_accum
         sums = step_values if sums is None else sums + step_values
-    return dict(zip([*terms, "loss"], sums.tolist()))  # one device sync per step
+    return sums
+
+
+class DeferredReadback:
+    """Step losses read back one step late: on a GPU the copy to the host is queued behind the step and read after
+    the next step was queued, so the host never stalls the device to print or check a loss (a plain `.tolist()`
+    right after backward would, every step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        if not self.cuda:
+            self.pending = (step, values, None)
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (step, host, event)
+
+    def flush(self, report) -> None:
+        if self.pending is None:
+            return
+        step, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        report(step, values.tolist())
 
 
 @contextlib.contextmanager

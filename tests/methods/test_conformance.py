@@ -123,3 +123,33 @@ def test_resume_at_a_stage_boundary_equals_an_uninterrupted_run(method, spec_for
     resumed = interrupted_then_resumed(spec, tiny_model, second, 0, tmp_path, monkeypatch)
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_is_never_checkpointed(spec_for, tiny_model, tmp_path, monkeypatch):
+    """Step losses are read back one step late (so a GPU never waits on the host); a non-finite one must still
+    stop the run naming its step, before any checkpoint holds that step's update."""
+    from personalize import checkpoint, stages
+
+    real = stages.accumulate
+
+    def poisoned(ctx, engine, stage, terms, scaler, step_key, *rest):
+        sums = real(ctx, engine, stage, terms, scaler, step_key, *rest)
+        return sums * float("nan") if step_key[-1] == 2 else sums
+
+    monkeypatch.setattr(stages, "accumulate", poisoned)
+    spec = spec_for("textual_inversion", output_dir=str(tmp_path / "run"), checkpoint_every=1, stage_overrides={"steps": 5})
+    sink = Recorder()
+    with pytest.raises(FloatingPointError, match="step 2: non-finite loss"):
+        run_method(spec, sink=sink, components=load_components(str(tiny_model)), progress=False)
+    assert [step for step, _ in sink.rows] == [0, 1]
+    cursor, _ = checkpoint.latest_cursor(spec.run_dir)
+    assert cursor.step == 2  # after updates 0 and 1; update 2 (made from the bad loss) was never saved
+
+
+def test_every_step_loss_is_logged_once_in_order_also_when_a_step_fails(spec_for, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"embedding:3:{tmp_path / 'marker'}")
+    spec = spec_for("textual_inversion", output_dir=str(tmp_path / "run"), stage_overrides={"steps": 5})
+    sink = Recorder()
+    with pytest.raises(InjectedFault):
+        run_method(spec, sink=sink, components=load_components(str(tiny_model)), progress=False)
+    assert [step for step, _ in sink.rows] == [0, 1, 2]  # the step before the failure is not lost
