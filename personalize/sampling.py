@@ -57,13 +57,14 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
 
 
 def _autocast_if_mixed(pipe):
-    """Modules kept in different dtypes (trained fp32 UNet, bf16 VAE) run under autocast."""
+    """Modules kept in different dtypes (trained fp32 UNet, bf16 VAE) run under autocast; modules all in one
+    dtype run without it (autocast would run their normalisations in fp32 and cast around every op)."""
     import contextlib
 
-    low = {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} - {torch.float32}
-    if not low:
+    dtypes = {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)}
+    if len(dtypes) == 1:
         return contextlib.nullcontext()
-    return torch.autocast(pipe.unet.device.type, dtype=low.pop())
+    return torch.autocast(pipe.unet.device.type, dtype=(dtypes - {torch.float32}).pop())
 
 
 def subject_phrase(method, placeholders) -> str:
