@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personalize.errors import ConfigError
+from personalize.fingerprint import local_model_fingerprint
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -325,6 +326,9 @@ class RunSpec(Strict):
     prior_cache_dir: str | None
     latent_cache_dir: str | None = None
     samples: SampleSpec
+    # the weights' content when `model` is a local folder: part of the config hash, so that a model retrained or
+    # replaced at the same path never passes for the one a finished run was trained on
+    model_fingerprint: str | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -534,11 +538,14 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
         concepts = load_manifest(_relative(concepts, base_dir))  # image paths relative to the manifest
     elif base_dir is not None:
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
+    model = resolve_model(experiment.model, base_dir)
+    fingerprint = local_model_fingerprint(model)
     runs = []
     for concept in concepts:
         runs.append(
             RunSpec(
-                model=resolve_model(experiment.model, base_dir),
+                model=model,
+                model_fingerprint=fingerprint,
                 method=method,
                 concept=concept,
                 **experiment.model_dump(exclude={"model", "method", "concepts", "overrides", "steps_scale"}),

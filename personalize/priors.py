@@ -17,20 +17,10 @@ from pathlib import Path
 from PIL import Image
 
 from personalize.config import ClassPriorSpec
+from personalize.fingerprint import model_fingerprint
 from personalize.images import load_captioned_folder
 
 MANIFEST = "manifest.json"
-
-
-def model_fingerprint(model_path: Path) -> str:
-    """Content fingerprint of a diffusers folder: size and first MiB of each weight file."""
-    h = hashlib.sha256()
-    for f in sorted(model_path.rglob("*.safetensors")) + sorted(model_path.rglob("*.bin")):
-        h.update(str(f.relative_to(model_path)).encode())
-        h.update(str(f.stat().st_size).encode())
-        with f.open("rb") as handle:
-            h.update(handle.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 def prior_key(fingerprint: str, prompt: str, spec: ClassPriorSpec, seed: int, resolution: int) -> str:

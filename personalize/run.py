@@ -12,11 +12,12 @@ from torch import nn
 from personalize.config import RunSpec, StageSpec
 from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank, instance_bank, prior_bank
 from personalize.errors import ConceptError, ConfigError
+from personalize.fingerprint import model_fingerprint
 from personalize.images import list_image_files, load_concept_images
 from personalize.losses import combined_needs
 from personalize.models import SDComponents, load_components
 from personalize.params import SelectorError, select
-from personalize.priors import class_prior_images, model_fingerprint
+from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.record import Needs
 from personalize.sampling import subject_phrase

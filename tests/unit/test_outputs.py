@@ -59,3 +59,24 @@ def test_a_partial_run_needs_resume(spec_for, tmp_path, monkeypatch):
     with pytest.raises(RunStateError, match="--resume"):
         run_method(spec, progress=False, resume=False)
     assert run_method(spec, progress=False, resume=True).status == "finished"
+
+
+def test_a_model_retrained_at_the_same_path_never_passes_for_the_one_a_run_was_trained_on(tiny_model, concept_dir, tmp_path):
+    import shutil
+
+    from personalize.models import build_tiny_model
+    from tests.conftest import quick_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    first = quick_spec("textual_inversion", model, concept_dir, tmp_path / "out")
+    assert first.model_fingerprint and run_method(first, progress=False).status == "finished"
+    assert quick_spec("textual_inversion", model, concept_dir, tmp_path / "out").config_hash() == first.config_hash()
+
+    shutil.rmtree(model)
+    build_tiny_model(model, seed=1)  # same architecture and path, other weights
+    again = quick_spec("textual_inversion", model, concept_dir, tmp_path / "out")
+    assert again.model_fingerprint != first.model_fingerprint and again.config_hash() != first.config_hash()
+    with pytest.raises(RunStateError, match="different configuration"):
+        run_method(again, progress=False)
+    assert json.loads((first.run_dir / "DONE.json").read_text())["config_hash"] == first.config_hash()
