@@ -92,6 +92,16 @@ def delete(uri: str, s3=None) -> None:
     s3.delete_object(Bucket=bucket, Key=key)
 
 
+def delete_prefix(uri: str, s3=None) -> int:
+    """Delete every object below a prefix; returns how many there were."""
+    s3 = s3 or client()
+    bucket, prefix = split(uri)
+    keys = [f"{prefix}/{key}" if prefix else key for key, _, _ in list_objects(uri, s3)]
+    for start in range(0, len(keys), 1000):  # the S3 API's limit per request
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True})
+    return len(keys)
+
+
 def write_bytes(uri: str, data: bytes, s3=None) -> None:
     s3 = s3 or client()
     bucket, key = split(uri)

@@ -7,6 +7,7 @@ checkpoints on s3 directly (pyarrow's S3 filesystem with an explicit endpoint).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from personalize import storage
@@ -60,6 +61,12 @@ class StorageRoot:
         self.local(rel).unlink(missing_ok=True)
         if self.remote and storage.exists(self.uri(rel)):
             storage.delete(self.uri(rel))
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete a folder here and, with an s3 root, everything stored below it in the bucket."""
+        shutil.rmtree(self.local(rel), ignore_errors=True)
+        if self.remote:
+            storage.delete_prefix(self.uri(rel))
 
     def ray_storage(self, sub: str = "ray") -> tuple[str, object | None]:
         """(storage_path, storage_filesystem) for Ray Train's or Ray Tune's RunConfig."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,14 +68,14 @@ def reached_final(metrics: dict) -> bool:
 
 
 def cleanup_callback(root, sweep_name: str):
-    """Stopped trials leave no checkpoints behind (their results stay)."""
+    """Stopped trials leave no checkpoints behind, here or in the bucket (their results stay)."""
     from ray.tune import Callback
 
     class CleanupStopped(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if not reached_final(trial.last_result):
-                shutil.rmtree(root.local("trials", trial.trial_id, "runs"), ignore_errors=True)
-                shutil.rmtree(root.local("ray", f"{sweep_name}-{trial.trial_id}"), ignore_errors=True)
+                root.remove_tree(f"trials/{trial.trial_id}/runs")
+                root.remove_tree(f"ray/{sweep_name}-{trial.trial_id}")
 
     return CleanupStopped()
 
@@ -172,6 +171,7 @@ def trials_frame(grid, root) -> pd.DataFrame:
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-1]
+        root.pull_file(f"trials/{trial_id}/{TIMED_OUT}")  # written where the trial ran
         timed_out = root.local("trials", trial_id, TIMED_OUT).is_file()
         iterations = metrics.get("training_iteration", 0)
         status = "timed out" if timed_out else "error" if result.error else "finished" if reached_final(metrics) else "stopped"

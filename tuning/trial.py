@@ -139,7 +139,7 @@ def trial(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     specs = trial_specs(settings, overrides, trial_id)
     root = StorageRoot(settings["storage"])
-    watchdog = threading.Timer(settings["trial_timeout_s"], _give_up, args=(root.local("trials", trial_id), settings["trial_timeout_s"]))
+    watchdog = threading.Timer(settings["trial_timeout_s"], _give_up, args=(root, trial_id, settings["trial_timeout_s"]))
     watchdog.daemon = True
     watchdog.start()
     storage_path, filesystem = root.ray_storage()
@@ -163,9 +163,20 @@ def trial(config: dict) -> None:
         watchdog.cancel()
 
 
-def _give_up(folder: Path, limit: float) -> None:
+def _give_up(root, trial_id: str, limit: float) -> None:
     """The trial has run past its limit: leave a note and end its process (its Train actors share its fate)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / TIMED_OUT).write_text(f"the trial ran longer than {limit:.0f} s and was stopped\n")
+    try:
+        leave_timeout_note(root, trial_id, limit)
+    except Exception:  # the note is a courtesy: the trial ends either way
+        log.exception("could not store the time-out note of trial %s", trial_id)
     log.error("trial exceeded %.0f s; stopping it", limit)
     os._exit(3)
+
+
+def leave_timeout_note(root, trial_id: str, limit: float) -> None:
+    """The note the sweep's driver reads to tell a timed-out trial from a failed one, stored in the storage root
+    (with an s3 root the driver may run on another machine)."""
+    rel = f"trials/{trial_id}/{TIMED_OUT}"
+    root.local(rel).parent.mkdir(parents=True, exist_ok=True)
+    root.local(rel).write_text(f"the trial ran longer than {limit:.0f} s and was stopped\n")
+    root.push_file(rel)

@@ -160,3 +160,28 @@ def test_a_batch_on_s3_trusts_the_bucket_over_a_stale_local_copy(ray_with_s3, ti
     frame = pd.read_parquet(storage.local_mirror(root) / "results" / "results.parquet")
     assert list(frame["status"]) == ["skipped"]
     assert {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")} == before
+
+
+def test_a_sweep_on_s3_stores_its_time_out_notes_and_removes_stopped_trials_from_the_bucket(seaweedfs, tmp_path, monkeypatch):
+    """The trial's machine and the sweep's driver share only the bucket: each has its own mirror."""
+    from pipelines.storage import StorageRoot
+    from tuning.trial import TIMED_OUT, leave_timeout_note
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "worker"))
+    worker = StorageRoot("s3://personalize/sweeps-root")
+    leave_timeout_note(worker, "t1", 60)
+    for rel in ("trials/t1/runs/blob/ti/DONE.json", "ray/sweep-t1/checkpoint/state.json", "trials/t2/runs/blob/ti/DONE.json"):
+        worker.local(rel).parent.mkdir(parents=True, exist_ok=True)
+        worker.local(rel).write_text("{}")
+        worker.push_file(rel)
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "driver"))
+    driver = StorageRoot("s3://personalize/sweeps-root")
+    assert driver.local_root != worker.local_root
+    assert driver.pull_file(f"trials/t1/{TIMED_OUT}")
+    assert "longer than 60 s" in driver.local("trials", "t1", TIMED_OUT).read_text()
+
+    driver.remove_tree("trials/t1/runs")
+    driver.remove_tree("ray/sweep-t1")
+    stored = {key for key, _ in storage.list_keys("s3://personalize/sweeps-root")}
+    assert stored == {f"trials/t1/{TIMED_OUT}", "trials/t2/runs/blob/ti/DONE.json"}
