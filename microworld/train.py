@@ -4,7 +4,7 @@ CLIP and a self-supervised identity encoder; write them with model cards.
     python -m microworld.train --out models/microworld                 # every part, ~2 h on 2 CPU cores
     python -m microworld.train --out /tmp/mw --scale 0.05              # a quick smoke run of every part
     python -m microworld.train --device cuda --images 100000 --base-batch 256 --clip-batch 512 \
-        --vae-minutes 1 --base-minutes 4.5 --clip-minutes 2 --identity-minutes 0.5   # ~9 min on one GPU
+        --vae-minutes 1 --base-minutes 4.3 --clip-minutes 7 --identity-minutes 0.4   # ~16 min on one H100
 
 Every part trains for a wall-clock budget; learning rates follow a cosine over the fraction of it used.
 """
