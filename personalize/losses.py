@@ -128,22 +128,28 @@ def _token_maps(maps: torch.Tensor, samples: torch.Tensor, positions: torch.Tens
     AttnMeanVarParams,
     lambda p: Needs(prediction=True, capture=CaptureSpec(), single_token_class=True),
     "AttnDreamBooth (official code): sum over batch, mean over all cross-attention layers of "
-    "mu*(mean([V]) - mean(cat))^2 + var*(var([V]) - var(cat))^2; mean and unbiased variance over heads and "
-    "pixels jointly; no stop-gradient.",
+    "mu*(mean([V]) - mean(cat))^2 + var*(var([V]) - var(cat))^2, averaged over the placeholder's vectors (each "
+    "compared with the super-category token); mean and unbiased variance over heads and pixels jointly; no "
+    "stop-gradient.",
 )
 def attn_mean_var_reg(rec: StepRecord, p: AttnMeanVarParams) -> torch.Tensor:
+    """The official code takes `F.mse_loss` of the statistics of the n placeholder vectors against the
+    super-category token's repeated n times, i.e. the mean over the vectors of the squared gaps."""
     v_pos, c_pos = rec.tokens.placeholder[:, 0], rec.tokens.super_category[:, 0]
     samples = ((v_pos >= 0) & (c_pos >= 0)).nonzero().flatten()
     if not rec.attention:
         raise ValueError("attn_mean_var_reg got no cross-attention maps (capture was not installed)")
     if samples.numel() == 0:
         raise ValueError("attn_mean_var_reg needs prompts holding the placeholder followed by the super-category")
+    vectors = rec.tokens.placeholder_len
     total = 0.0
     for maps in rec.attention.values():
-        v = _token_maps(maps, samples, v_pos).flatten(1).float()
         c = _token_maps(maps, samples, c_pos).flatten(1).float()
-        per_sample = p.mu * (v.mean(1) - c.mean(1)) ** 2 + p.var * (v.var(1) - c.var(1)) ** 2
-        total = total + per_sample.sum()
+        gaps = 0.0
+        for k in range(vectors):  # the placeholder's vectors sit at consecutive positions
+            v = _token_maps(maps, samples, v_pos + k).flatten(1).float()
+            gaps = gaps + p.mu * (v.mean(1) - c.mean(1)) ** 2 + p.var * (v.var(1) - c.var(1)) ** 2
+        total = total + (gaps / vectors).sum()
     return total / len(rec.attention)
 
 
@@ -299,20 +305,21 @@ def disendiff_binding(rec: StepRecord, p: DisenDiffParams) -> torch.Tensor:
     "disendiff_separation",
     DisenDiffParams,
     lambda p: Needs(prediction=True, capture=CaptureSpec(resolutions=(p.resolution,)), single_token_class=True),
-    "DisenDiff L_s&s (official code): softIoU between the suppressed, smoothed class maps of every pair of "
-    "subjects (no stop-gradient), minimised; mean over samples.",
+    "DisenDiff L_s&s (official code): softIoU between the suppressed, smoothed class maps of two subjects (no "
+    "stop-gradient), minimised; with more subjects the mean over every pair; mean over samples.",
 )
 def disendiff_separation(rec: StepRecord, p: DisenDiffParams) -> torch.Tensor:
+    """The official code has two subjects and so one pair: IoU(f_m(G(A_dog)), f_m(G(A_cat))). With more subjects the
+    pairs are averaged, so the term keeps that one pair's scale whatever the number of subjects."""
     maps = disendiff_maps(rec, p)
     if maps is None:
         return rec.model_pred.sum() * 0.0
     _, classes = maps
     subjects = classes.shape[1]
-    total = 0.0
-    for i in range(subjects):
-        for j in range(i + 1, subjects):
-            total = total + soft_iou(classes[:, j], classes[:, i])
-    return total.mean() if subjects > 1 else classes.sum() * 0.0
+    pairs = [soft_iou(classes[:, j], classes[:, i]) for i in range(subjects) for j in range(i + 1, subjects)]
+    if not pairs:
+        return classes.sum() * 0.0
+    return torch.stack(pairs, 1).mean(1).mean()  # mean over pairs, then over samples
 
 
 def combined_needs(losses: dict[str, Any]) -> Needs:

@@ -87,12 +87,26 @@ def make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.
 
 
 class NormLock:
-    """Embedding rescaling (CoRe Eq. 6, official schedule): after update `start` record each placeholder row's
-    norm; after updates start+1 .. end rescale the row back to it. Outside that window the norm is free."""
+    """Embedding rescaling (CoRe Eq. 6, official schedule): after update `start` record the norm of the placeholder
+    rows; after updates start+1 .. end rescale them back to it. Outside that window the norm is free.
+
+    The official code takes `torch.norm` of the whole learned embedding, so with several vectors this is one joint
+    (Frobenius) norm of all rows together, and every row is scaled by the same factor: the rows' own norms may move
+    as long as the joint norm is kept.
+    """
 
     def __init__(self, stage: StageSpec, state: dict):
         self.window = stage.embedding_norm_lock.window(stage.steps) if stage.embedding_norm_lock else None
-        self.norms = torch.tensor(state["norms"]) if "norms" in state else None
+        self.norm = None  # (1,) tensor: the recorded joint norm
+        if "norms" in state:
+            saved = torch.tensor(state["norms"])
+            # one value; a checkpoint with one norm per row (older layout) gives the same joint norm combined
+            self.norm = saved if saved.numel() == 1 else saved.norm().reshape(1)
+
+    @staticmethod
+    def _joint_norm(rows: torch.Tensor) -> torch.Tensor:
+        """(1,): all rows flattened into one vector; for a single row exactly that row's norm."""
+        return rows.reshape(1, -1).norm(dim=-1)
 
     def after_update(self, rows: torch.nn.Parameter, step: int) -> None:
         if self.window is None:
@@ -100,13 +114,12 @@ class NormLock:
         with torch.no_grad():
             start, end = self.window
             if step == start:
-                self.norms = rows.norm(dim=-1).detach().cpu()
-            elif start < step <= end and self.norms is not None:
-                target = self.norms.to(rows.device)
-                rows.mul_((target / rows.norm(dim=-1)).unsqueeze(-1))
+                self.norm = self._joint_norm(rows).detach().cpu()
+            elif start < step <= end and self.norm is not None:
+                rows.mul_(self.norm.to(rows.device) / self._joint_norm(rows))
 
     def state(self) -> dict:
-        return {"norms": self.norms.tolist()} if self.norms is not None else {}
+        return {"norms": self.norm.tolist()} if self.norm is not None else {}
 
 
 def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,

@@ -79,24 +79,42 @@ def test_disendiff_binding_raises_the_binding_iou(spec_for, tiny_model):
     assert binding["on"] < binding["off"], binding
 
 
-def test_norm_lock_holds_the_norm_exactly_inside_its_window_only():
+def lock_stage():
     from personalize.config import StageSpec
 
-    stage = StageSpec(name="s", trainable=["placeholder"], steps=10, lr=1.0, losses={"diffusion": 1.0},
-                      embedding_norm_lock={"start": 3, "end": 6})
+    return StageSpec(name="s", trainable=["placeholder"], steps=10, lr=1.0, losses={"diffusion": 1.0},
+                     embedding_norm_lock={"start": 3, "end": 6})
+
+
+def test_norm_lock_holds_the_joint_norm_of_all_rows_exactly_inside_its_window_only():
+    stage = lock_stage()
     rows = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
     lock = NormLock(stage, {})
-    norms = []
+    joint, per_row = [], []
     for step in range(1, 9):
         with torch.no_grad():
-            rows.mul_(1.5).add_(0.1)  # an "optimizer update" that grows the norm
+            rows.mul_(1.5).add_(0.1)  # an "optimizer update" that grows the norm and shifts the rows' ratio
         lock.after_update(rows, step)
-        norms.append(rows.norm(dim=-1).clone())
-    recorded = norms[2]  # after update 3
+        joint.append(rows.detach().pow(2).sum().sqrt().item())  # Frobenius norm of both rows together
+        per_row.append(rows.detach().norm(dim=-1).clone())
+    recorded = joint[2]  # after update 3
     for step in (4, 5, 6):
-        assert torch.equal(norms[step - 1], recorded) or torch.allclose(norms[step - 1], recorded, rtol=1e-6, atol=0)
-    assert (norms[6] > recorded).all() and (norms[1] < recorded).all()  # free after the window and before it
-    assert NormLock(stage, lock.state()).norms.tolist() == pytest.approx(recorded.tolist())
+        assert joint[step - 1] == pytest.approx(recorded, rel=1e-6, abs=0)
+        # one common factor for both rows: the rows' own norms are not each held
+        assert not torch.allclose(per_row[step - 1], per_row[2], rtol=1e-4, atol=0)
+    assert joint[6] > recorded and joint[1] < recorded  # free after the window and before it
+    assert NormLock(stage, lock.state()).norm.item() == pytest.approx(recorded, rel=1e-6)
+
+
+def test_norm_lock_restores_from_a_per_row_checkpoint():
+    stage = lock_stage()
+    # one vector: the old layout {"norms": [norm of the row]} is the joint norm itself
+    rows = torch.nn.Parameter(torch.tensor([[6.0, 8.0]]))
+    NormLock(stage, {"norms": [5.0]}).after_update(rows, 4)
+    assert torch.equal(rows.detach(), torch.tensor([[3.0, 4.0]]))
+    # several vectors: the per-row norms combine into the joint norm they were recorded from
+    assert NormLock(stage, {"norms": [3.0, 4.0]}).norm.item() == pytest.approx(5.0)
+    assert NormLock(stage, {}).state() == {}
 
 
 def test_norm_lock_survives_a_resume_inside_its_window(spec_for, tiny_model, tmp_path, monkeypatch):

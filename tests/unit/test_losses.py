@@ -2,6 +2,7 @@
 only where the paper / official code puts it."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -100,6 +101,22 @@ def test_attn_mean_var_has_no_stop_gradient():
     grad = maps.grad[0, 0]
     assert grad[:, 1].abs().sum() > 0 and grad[:, 2].abs().sum() > 0  # both [V] and class maps get gradient
     assert grad[:, [0, 3, 4, 5]].abs().sum() == 0
+
+
+def test_attn_mean_var_averages_over_every_placeholder_vector():
+    # placeholder of 2 vectors at tokens 1, 2; the class right after it, at token 3
+    v0, v1, c = [1.0, 0.0, 0.0, 0.0], [0.5] * 4, [0.25] * 4
+    maps = torch.full((2, 1, 4, K), 0.1)
+    for pos, values in ((1, v0), (2, v1), (3, c)):
+        maps[:, 0, :, pos] = torch.tensor(values)
+    rec = record(attention={"a": maps}, tokens=TokenRoles(torch.tensor([[1], [1]]), 2, torch.tensor([[3], [3]])))
+
+    def gap(v, c, mu=2.0, var=5.0):  # one vector's value, unbiased variance
+        return mu * (statistics.mean(v) - statistics.mean(c)) ** 2 + var * (statistics.variance(v) - statistics.variance(c)) ** 2
+
+    assert gap(v0, c) != gap(v1, c)
+    expected = 2 * (gap(v0, c) + gap(v1, c)) / 2  # sum over 2 samples of the mean over the 2 vectors; one layer
+    assert attn_mean_var_reg(rec, AttnMeanVarParams(mu=2.0, var=5.0)).item() == pytest.approx(expected)
 
 
 def test_attn_mean_var_needs_the_class_after_the_placeholder():
@@ -207,12 +224,19 @@ def test_soft_iou_identity_and_disjoint():
 
 def disen_record(mod1, cls1, mod2, cls2, requires_grad=False) -> tuple[StepRecord, torch.Tensor]:
     """One sample, one layer, one head, a 2x2 map (Q=4); tokens: <new1>=1, cat=2, <new2>=3, dog=4."""
-    m = torch.zeros(1, 1, 4, K)
-    for pos, values in ((1, mod1), (2, cls1), (3, mod2), (4, cls2)):
-        m[0, 0, :, pos] = torch.tensor(values)
+    return subjects_record([(mod1, cls1), (mod2, cls2)], requires_grad)
+
+
+def subjects_record(subjects, requires_grad=False) -> tuple[StepRecord, torch.Tensor]:
+    """Like disen_record for any number of (modifier, class) map pairs: subject s at tokens 2s+1 and 2s+2."""
+    m = torch.zeros(1, 1, 4, 2 * len(subjects) + 2)
+    for s, (mod, cls) in enumerate(subjects):
+        m[0, 0, :, 2 * s + 1] = torch.tensor(mod)
+        m[0, 0, :, 2 * s + 2] = torch.tensor(cls)
     m.requires_grad_(requires_grad)
+    positions = torch.arange(len(subjects))[None] * 2
     rec = StepRecord(timesteps=torch.zeros(1), is_prior=torch.tensor([False]),
-                     tokens=TokenRoles(torch.tensor([[1, 3]]), 1, torch.tensor([[2, 4]])),
+                     tokens=TokenRoles(positions + 1, 1, positions + 2),
                      model_pred=torch.zeros(1, 1, 2, 2), attention={"l": m}, attention_resolution={"l": (2, 2)})
     return rec, m
 
@@ -235,6 +259,18 @@ def test_separation_hand_value_and_zero_for_disjoint_classes():
     assert disendiff_separation(rec, IDENTITY_SMOOTHING).item() == pytest.approx(2 / 3)
     apart, _ = disen_record([1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1])
     assert disendiff_separation(apart, IDENTITY_SMOOTHING).item() == pytest.approx(1 / (4 + 1))  # only the +1 smoothing
+
+
+def test_separation_is_the_mean_over_subject_pairs():
+    classes = [[0, 1, 0, 1], [0, 0, 0, 1], [1, 1, 0, 0]]  # 0/1 maps: unchanged by min-max, a 1x1 kernel, squaring
+
+    def iou(a, b):  # (intersection + 1) / (union + 1)
+        inter = sum(x * y for x, y in zip(a, b))
+        return (inter + 1) / (sum(a) + sum(b) - inter + 1)
+
+    pairs = [iou(classes[i], classes[j]) for i in range(3) for j in range(i + 1, 3)]  # 2/3, 1/2, 1/4
+    rec, _ = subjects_record([([1, 0, 0, 0], c) for c in classes])
+    assert disendiff_separation(rec, IDENTITY_SMOOTHING).item() == pytest.approx(sum(pairs) / 3)
 
 
 def test_binding_detaches_the_class_map_and_separation_does_not():
