@@ -39,9 +39,13 @@ def cmd_tiny_model(args) -> int:
 def cmd_methods(args) -> int:
     from personalize.config import available_methods, load_method
     from personalize.methods_table import method_table
+    from personalize.scaling import SCALE_FILE, describe_scale, load_recipe_scale
 
+    scale = load_recipe_scale(args.model) if args.model else None
+    if args.model:
+        print(f"{args.model}: " + (describe_scale(scale) if scale else f"no {SCALE_FILE}, the papers' numbers") + "\n")
     for name in available_methods():
-        print(method_table(load_method(name)))
+        print(method_table(load_method(name, scale=scale)))
         print()
     return 0
 
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("methods", help="print every method's stage table")
+    p.add_argument("--model", help="a model folder: show the numbers scaled to it (its recipe_scale.json)")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("train", help="train every concept of an experiment file in this process")

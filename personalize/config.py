@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
+from personalize.scaling import RecipeScale, load_recipe_scale, scale_recipe
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -91,6 +92,8 @@ class StageSpec(Strict):
     embedding_norm_lock: NormLockSpec | None = None
     prompt: str | list[str] | None = None  # replaces the method's training prompt(s) in this stage
     context_prompts: list[str] | None = None  # replaces the regularisation templates (test-time optimisation)
+    model_lr_scale: float = Field(default=1.0, gt=0)  # set from the model's recipe_scale.json: lr = paper lr x this
+    model_steps_scale: float = Field(default=1.0, gt=0)  # likewise for steps
 
     @field_validator("name")
     @classmethod
@@ -184,6 +187,8 @@ class EvaluationSpec(Strict):
     clip: str = "ViT-B-32/openai"
     dino: str = "facebook/dino-vits16"
     batch_size: int = Field(default=8, ge=1)
+    # identity floor (base model asked for the class) and ceiling (real photos), for the normalised CLIP-I / DINO
+    floor_ceiling: bool = True
 
 
 class MethodSpec(Strict):
@@ -257,6 +262,7 @@ class ConceptSpec(Strict):
     kind: Literal["object", "animate"] = "object"
     subjects: list[SubjectSpec] | None = None
     masks: str | None = None
+    holdout: str | None = None  # photos of the subject kept out of training: the identity ceiling
 
     @field_validator("id")
     @classmethod
@@ -339,7 +345,7 @@ class RunSpec(Strict):
         payload = self.model_dump(mode="json", exclude={
             "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
             "checkpoint_every": True, "gradient_checkpointing": True,
-            "method": {"evaluation": True, "summary": True, "paper": True}})
+            "method": {"evaluation": True, "summary": True, "paper": True}, "concept": {"holdout": True}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -454,13 +460,14 @@ def available_methods() -> list[str]:
     return sorted(p.stem for p in (CONFIG_ROOT / "methods").glob("*.yaml"))
 
 
-def load_method(name_or_path: str, overrides: dict[str, Any] | None = None) -> MethodSpec:
+def load_method(name_or_path: str, overrides: dict[str, Any] | None = None, scale: RecipeScale | None = None) -> MethodSpec:
+    """A method from configs/methods (or a YAML path), scaled to the model (`scale`), then overridden."""
     path = method_path(name_or_path)
     if not path.is_file():
         raise ConfigError(
             str(path), [f"unknown method {name_or_path!r}; available: {', '.join(available_methods())}"]
         )
-    raw = read_yaml(path)
+    raw = scale_recipe(read_yaml(path), scale)
     if overrides:
         raw = apply_overrides(raw, overrides, f"{path} (with overrides)")
     return validate(MethodSpec, raw, str(path))
@@ -532,13 +539,13 @@ def resolve_model(model: str, base_dir: Path | None) -> str:
 
 
 def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> list[RunSpec]:
-    method = scale_steps(load_method(experiment.method, experiment.overrides), experiment.steps_scale)
+    model = resolve_model(experiment.model, base_dir)
+    method = scale_steps(load_method(experiment.method, experiment.overrides, load_recipe_scale(model)), experiment.steps_scale)
     concepts = experiment.concepts
     if isinstance(concepts, str):
         concepts = load_manifest(_relative(concepts, base_dir))  # image paths relative to the manifest
     elif base_dir is not None:
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
-    model = resolve_model(experiment.model, base_dir)
     fingerprint = local_model_fingerprint(model)
     runs = []
     for concept in concepts:
@@ -555,9 +562,9 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
 
 
 def _resolve_concept(concept: ConceptSpec, base_dir: Path) -> ConceptSpec:
-    """Image and mask folders relative to the file that names them (uris stay as they are)."""
+    """Image, mask and holdout folders relative to the file that names them (uris stay as they are)."""
     update = {}
-    for key in ("images", "masks"):
+    for key in ("images", "masks", "holdout"):
         value = getattr(concept, key)
         if value and "://" not in value:
             update[key] = str(_relative(value, base_dir))

@@ -25,7 +25,9 @@ def method_table(method: MethodSpec) -> str:
             start, end = stage.embedding_norm_lock.window(stage.steps)
             extras.append(f"norm lock {start}-{end}")
         batch = f"{stage.batch_size}" + (f"x{stage.grad_accum}" if stage.grad_accum > 1 else "")
-        rows.append((label, ", ".join(stage.trainable), str(stage.steps), f"{stage.lr:g}", batch,
+        steps = f"{stage.steps}" + (f" (x{stage.model_steps_scale:g})" if stage.model_steps_scale != 1.0 else "")
+        lr = f"{stage.lr:g}" + (f" (x{stage.model_lr_scale:g})" if stage.model_lr_scale != 1.0 else "")
+        rows.append((label, ", ".join(stage.trainable), steps, lr, batch,
                      _losses(stage) + (f" [{'; '.join(extras)}]" if extras else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{method.name} -- {method.paper}", f"  {method.summary}"]

@@ -44,7 +44,7 @@ def test_every_experiment_yaml_validates(path):
 @pytest.mark.parametrize("name", available_prompt_sets())
 def test_every_prompt_file_parses(name):
     items = load_prompt_set(name)
-    assert len(items) >= 10
+    assert len(items) >= (1 if name == "world_captions" else 10)  # the world's grammar has one photo caption
     assert all(item.template.count("{}") == 1 for item in items)
 
 

@@ -1,0 +1,138 @@
+"""How the methods' recipes scale to a base model.
+
+The method YAMLs keep the papers' numbers, which were set for Stable Diffusion (an 860 M-parameter UNet). A much
+smaller model trained at a higher learning rate needs larger steps to move: a model folder may carry
+`recipe_scale.json`, measured on that model, saying by how much each kind of trainable's learning rate (and
+optionally its stage length) is multiplied:
+
+    {"lr": {"placeholder": 5, "unet.attn2": 10, "unet": 20}, "steps": {"unet": 2},
+     "prompt_sets": {"ti_object": "world_captions", "context": "world_context"}, "source": "how it was measured"}
+
+Keys are trainable selectors (`personalize.params.SELECTORS`); a key also covers the selectors below it
+(`unet.attn2` covers `unet.attn2.kv`). A stage takes the scale of its widest trainable (whole UNet, then
+cross-attention, then the text encoder, then placeholder rows), so Custom Diffusion's k/v + modifier-token stage
+scales as attention. SD models carry no file and train with the papers' numbers. The scale is applied to the
+recipe before dotted overrides, so an override names the effective value.
+
+`prompt_sets` speaks the model's language: a model whose text encoder knows only its own caption grammar (the micro
+world) names the prompt sets that replace the papers' English ones: a training-caption set (`@ti_object`) by name,
+and `context` for CoRe's regularisation templates whatever the concept's kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from personalize.errors import ConfigError
+
+SCALE_FILE = "recipe_scale.json"
+WIDTH_ORDER = ("unet", "unet.attn2", "text_encoder", "placeholder")  # widest first
+
+
+def _covers(key: str, selector: str) -> bool:
+    return selector == key or selector.startswith(key + ".")
+
+
+def _width_rank(selector: str) -> int:
+    return next((i for i, kind in enumerate(WIDTH_ORDER) if _covers(kind, selector)), len(WIDTH_ORDER))
+
+
+class RecipeScale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    prompt_sets: dict[str, str] = {}
+    source: str = ""  # how the numbers were measured
+
+    @staticmethod
+    def factor(table: dict[str, float], trainable: list[str]) -> float:
+        """The multiplier of a stage training `trainable`: the most specific entry covering its widest selector."""
+        if not trainable:
+            return 1.0
+        widest = min(trainable, key=_width_rank)
+        keys = [k for k in table if _covers(k, widest)]
+        return table[max(keys, key=len)] if keys else 1.0
+
+
+def load_recipe_scale(model: str) -> RecipeScale | None:
+    """The model folder's recipe scale, or None (hub ids, s3 uris and folders without the file)."""
+    from personalize.params import SELECTORS
+
+    path = Path(model) / SCALE_FILE
+    if "://" in model or not path.is_file():
+        return None
+    try:
+        scale = RecipeScale.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(path), [f"not valid JSON ({e.msg}, line {e.lineno}); fix or remove the file"]) from None
+    except ValidationError as e:
+        raise ConfigError(str(path), [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from None
+    problems = [
+        f"{table}.{key}: unknown trainable selector; available: {', '.join(SELECTORS)}"
+        for table in ("lr", "steps") for key in getattr(scale, table) if key not in SELECTORS
+    ] + [
+        f"{table}.{key}: got {value}; a multiplier must be > 0"
+        for table in ("lr", "steps") for key, value in getattr(scale, table).items() if value <= 0
+    ]
+    problems += _unknown_prompt_sets(scale.prompt_sets)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return scale
+
+
+def describe_scale(scale: RecipeScale) -> str:
+    """One line for people: what the model's recipe_scale.json changes."""
+    parts = [f"lr x{v:g} {k}" for k, v in scale.lr.items()] + [f"steps x{v:g} {k}" for k, v in scale.steps.items()]
+    parts += [f"prompts {k} -> {v}" for k, v in scale.prompt_sets.items()]
+    return f"recipes scaled by its {SCALE_FILE} ({'; '.join(parts)}); (xN) marks a scaled number"
+
+
+def _unknown_prompt_sets(mapping: dict[str, str]) -> list[str]:
+    from personalize.prompts import available_prompt_sets
+
+    known = set(available_prompt_sets())
+    return [f"prompt_sets.{key}: unknown prompt set {value!r}; available: {', '.join(sorted(known))}"
+            for key, value in mapping.items() if value not in known]
+
+
+def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[str, Any]:
+    """A raw method dict (as read from its YAML) with every stage's lr and steps multiplied by the model's scale.
+    Each scaled stage records the factors it got (`model_lr_scale`, `model_steps_scale`), so the resolved config holds the
+    effective numbers and says how they came from the paper's."""
+    if scale is None:
+        return raw_method
+
+    def scaled(stage: dict[str, Any]) -> dict[str, Any]:
+        trainable = stage.get("trainable") or []
+        lr_factor, steps_factor = scale.factor(scale.lr, trainable), scale.factor(scale.steps, trainable)
+        stage = dict(stage)
+        if "prompt" in stage:
+            stage["prompt"] = spoken(stage["prompt"])
+        if lr_factor != 1.0 and isinstance(stage.get("lr"), (int, float)):
+            stage["lr"] = float(stage["lr"]) * lr_factor
+            stage["model_lr_scale"] = lr_factor
+        if steps_factor != 1.0 and isinstance(stage.get("steps"), int):
+            stage["steps"] = max(1, round(stage["steps"] * steps_factor))
+            stage["model_steps_scale"] = steps_factor
+        return stage
+
+    def spoken(prompt: Any) -> Any:
+        if isinstance(prompt, str) and prompt.startswith("@") and prompt[1:] in scale.prompt_sets:
+            return "@" + scale.prompt_sets[prompt[1:]]
+        return prompt
+
+    out = dict(raw_method)
+    if "prompt" in out:
+        out["prompt"] = spoken(out["prompt"])
+    if out.get("context_prompts") is not None and "context" in scale.prompt_sets:
+        out["context_prompts"] = scale.prompt_sets["context"]
+    if isinstance(out.get("stages"), list):
+        out["stages"] = [scaled(s) if isinstance(s, dict) else s for s in out["stages"]]
+    if isinstance(out.get("test_time"), dict):
+        out["test_time"] = scaled(out["test_time"])
+    return out
