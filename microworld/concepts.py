@@ -1,6 +1,7 @@
 """Held-out subjects to personalise: appearances the training world never shows (a pattern in a second
 colour, a ring or eyes), photographed 4-6 times in varied poses and scenes. Their super-category is their
-shape noun, which the base model knows. Subjects with eyes count as animate-like."""
+shape noun, which the base model knows. Subjects with eyes count as animate-like. Each also has held-out
+photos, never trained on: the ceiling its identity scores are read against."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from microworld.world import SCENES, Scene, Thing, foreground_mask, random_thing, render
+from microworld.world import SCENES, STYLES, Scene, Thing, foreground_mask, random_thing, render
+
+HOLDOUT_PHOTOS = 8
 
 
 @dataclass(frozen=True)
@@ -51,18 +54,29 @@ def photos(concept: WorldConcept, count: int = 5, seed: int = 0) -> list[Scene]:
     return [Scene(concept.thing(rng), scene, "photo", seed=rng.randrange(1 << 30)) for scene in scenes]
 
 
+def holdout_photos(concept: WorldConcept, count: int = HOLDOUT_PHOTOS, seed: int = 0) -> list[Scene]:
+    """Fresh photos kept out of training, for the identity ceiling: new poses, scenes and styles drawn from the
+    whole world, from a random stream of their own (the training photos' never repeats here)."""
+    rng = random.Random(f"{concept.id}-holdout-{seed}")
+    return [Scene(concept.thing(rng), rng.choice(list(SCENES)), rng.choice(list(STYLES)), seed=rng.randrange(1 << 30))
+            for _ in range(count)]
+
+
 def write_concepts(folder: str | Path, concepts=CONCEPTS, count: int = 5, seed: int = 0, size: int = 64) -> Path:
-    """folder/<id>/ photos, folder/<id>-masks/ foreground masks, folder/concepts.yaml; returns the manifest."""
+    """folder/<id>/ photos, folder/<id>-masks/ foreground masks, folder/<id>-holdout/ held-out photos,
+    folder/concepts.yaml; returns the manifest."""
     folder = Path(folder)
     rows = []
     for concept in concepts:
-        images, masks = folder / concept.id, folder / f"{concept.id}-masks"
-        images.mkdir(parents=True, exist_ok=True)
-        masks.mkdir(parents=True, exist_ok=True)
+        images, masks, holdout = folder / concept.id, folder / f"{concept.id}-masks", folder / f"{concept.id}-holdout"
+        for target in (images, masks, holdout):
+            target.mkdir(parents=True, exist_ok=True)
         for i, scene in enumerate(photos(concept, count, seed)):
             render(scene, size).save(images / f"{i}.png")
             foreground_mask(scene, size).save(masks / f"{i}.png")
-        rows.append({"id": concept.id, "images": concept.id, "masks": f"{concept.id}-masks",
+        for i, scene in enumerate(holdout_photos(concept, seed=seed)):
+            render(scene, size).save(holdout / f"{i}.png")
+        rows.append({"id": concept.id, "images": concept.id, "masks": f"{concept.id}-masks", "holdout": holdout.name,
                      "super_category": concept.shape, "kind": concept.kind})
     manifest = folder / "concepts.yaml"
     manifest.write_text(yaml.safe_dump({"concepts": rows}, sort_keys=False))

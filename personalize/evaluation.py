@@ -3,24 +3,43 @@
 The pieces are separable so a cluster can run them on different workers: `eval_rows` (what to generate),
 `RunSampler` (one personalised pipeline, loaded once), `Scorers` (encoders, loaded once) and `aggregate`.
 All scores are raw cosines.
+
+A raw identity cosine means little alone (its range depends on the concept and the encoder), so each is also read
+between two bounds of the same concept, scored the same way: the floor, the base model asked for the class phrase
+in place of the subject (on the evaluation's prompts, seeds and sampler; computed once per concept and shared by
+every method, under <output_dir>/<concept>/_floor/), and the ceiling, real photos of the subject kept out of
+training (or, without them, each reference photo against the others). The normalised score
+(score - floor) / (ceiling - floor) is 0 at the base model's level and 1 at the real photos'.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from personalize.config import EvaluationSpec, RunSpec
-from personalize.images import load_concept_images, load_masks
-from personalize.metrics import SCALE, ClipScorer, DinoScorer, apply_mask, per_row_mean
+from personalize.config import ConceptSpec, EvaluationSpec, RunSpec
+from personalize.images import list_image_files, load_concept_images, load_masks
+from personalize.metrics import SCALE, ClipScorer, DinoScorer, apply_mask, pairwise_mean, per_row_mean
 from personalize.prompts import load_prompt_set
-from personalize.sampling import LoadedRun, generate
+from personalize.sampling import LoadedRun, generate, image_grid
+
+log = logging.getLogger(__name__)
+
+IDENTITY_SCORES = {"clip_i": "CLIP-I", "dino": "DINO"}
+# A narrower ceiling - floor range would turn differences at the level of rounding into large normalised scores
+MIN_IDENTITY_RANGE = 1e-3
+FLOOR_FOLDER = "_floor"
+FLOOR_FILE = "floor.json"
 
 
 @dataclass
@@ -51,12 +70,16 @@ def clip_text(template: str, subject: str, placeholder_strings: list[str], class
     return re.sub(r"\s+", " ", text).strip()
 
 
+def class_phrase(concept: ConceptSpec) -> str:
+    """The concept's subjects by their super-categories alone ("star", "cat and dog"): the subject unpersonalised."""
+    return " and ".join(s.super_category for s in concept.subjects)
+
+
 def eval_rows(spec: RunSpec, subject: str, placeholder_strings: list[str], settings: EvaluationSpec) -> list[EvalRow]:
     items = load_prompt_set(prompt_set_for(settings.prompts, spec.concept.kind))
-    class_phrase = " and ".join(s.super_category for s in spec.concept.subjects)
     rows = []
     for index, item in enumerate(items):
-        text = clip_text(item.template, subject, placeholder_strings, class_phrase, settings.text_mode)
+        text = clip_text(item.template, subject, placeholder_strings, class_phrase(spec.concept), settings.text_mode)
         for k in range(settings.samples):
             rows.append(EvalRow(index, item.template, sorted(item.tags), item.template.replace("{}", subject), text,
                                 settings.seed + k))
@@ -75,7 +98,9 @@ def protocol(spec: RunSpec, settings: EvaluationSpec) -> dict:
 
 
 def settings_key(settings: EvaluationSpec, sampling: dict) -> str:
-    payload = json.dumps({**settings.model_dump(mode="json"), **sampling}, sort_keys=True)
+    """Names an evaluation by what changes its samples and scores; `floor_ceiling` does not (an evaluation made
+    without the bounds gains them later without resampling, see `evaluate_run`)."""
+    payload = json.dumps({**settings.model_dump(mode="json", exclude={"floor_ceiling"}), **sampling}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
@@ -91,26 +116,62 @@ class RunSampler:
                         sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)
 
 
+def masked_references(concept: ConceptSpec, photos: list[Image.Image]) -> list[Image.Image]:
+    """The concept's photos as identity scores compare against them: foreground only when the concept has masks."""
+    if not concept.masks:
+        return photos
+    names = [p.name for p in list_image_files(concept.id, concept.images)]
+    return [apply_mask(im, m) for im, m in zip(photos, load_masks(concept.id, concept.masks, names))]
+
+
+def leave_one_out_mean(candidates: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean over i of candidate i's mean cosine to every reference except the i-th (row i of both is one photo):
+    how alike different photos of the subject are, without a photo ever meeting itself. NaN below two photos."""
+    count = len(candidates)
+    if count < 2 or len(references) != count:
+        return float("nan")
+    cosines = F.normalize(candidates.float(), dim=-1) @ F.normalize(references.float(), dim=-1).T
+    return float(((cosines.sum(1) - cosines.diagonal()) / (count - 1)).mean())
+
+
 class Scorers:
-    """CLIP and DINO encoders, loaded once; real-image features cached per concept."""
+    """CLIP and DINO encoders, loaded once; real-image features and identity ceilings cached per concept."""
 
     def __init__(self, clip: str, dino: str, device: str = "cpu"):
         self.clip = ClipScorer(clip, device)
         self.dino = DinoScorer(dino, device)
         self._reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ceiling: dict[str, tuple[dict[str, float], str]] = {}
+
+    def features(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clip.image_features(images), self.dino.image_features(images)
 
     def reference(self, spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP and DINO features of the concept's real images (foreground-masked when the concept has masks)."""
         concept = spec.concept
         if concept.id not in self._reference:
-            images = load_concept_images(concept.id, concept.images, resolution=0)
-            if concept.masks:
-                from personalize.images import list_image_files
-
-                names = [p.name for p in list_image_files(concept.id, concept.images)]
-                images = [apply_mask(im, m) for im, m in zip(images, load_masks(concept.id, concept.masks, names))]
-            self._reference[concept.id] = (self.clip.image_features(images), self.dino.image_features(images))
+            photos = load_concept_images(concept.id, concept.images, resolution=0)
+            self._reference[concept.id] = self.features(masked_references(concept, photos))
         return self._reference[concept.id]
+
+    def ceiling(self, spec: RunSpec) -> tuple[dict[str, float], str]:
+        """The identity scores of real photos of the subject, scored as generated images are (whole photo against
+        the references), and where they came from: the concept's held-out photos, or without them leave-one-out
+        over the reference photos."""
+        concept = spec.concept
+        if concept.id not in self._ceiling:
+            reference = self.reference(spec)
+            if concept.holdout:
+                holdout = self.features(load_concept_images(concept.id, concept.holdout, resolution=0))
+                scores = {key: pairwise_mean(holdout[i], reference[i]) for i, key in enumerate(IDENTITY_SCORES)}
+                source = f"{len(holdout[0])} held-out photos ({concept.holdout})"
+            else:
+                photos = load_concept_images(concept.id, concept.images, resolution=0)
+                candidates = self.features(photos) if concept.masks else reference
+                scores = {key: leave_one_out_mean(candidates[i], reference[i]) for i, key in enumerate(IDENTITY_SCORES)}
+                source = f"leave-one-out over the {len(photos)} reference photos"
+            self._ceiling[concept.id] = (scores, source)
+        return self._ceiling[concept.id]
 
     def score(self, images: list[Image.Image], rows: list[EvalRow], reference: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
         clip_img = self.clip.image_features(images)
@@ -139,6 +200,120 @@ def aggregate(scored: list[dict], exclude_tags: list[str]) -> dict:
         "n_identity_images": len(identity),
         "scale": SCALE,
     }
+
+
+def normalised_identity(score: float, floor: float, ceiling: float) -> float:
+    """(score - floor) / (ceiling - floor): 0 where the base model already is, 1 where real photos are. NaN when
+    the ceiling is not above the floor by MIN_IDENTITY_RANGE (or a value is NaN): no meaningful scale then."""
+    if not ceiling - floor >= MIN_IDENTITY_RANGE:
+        return float("nan")
+    return (score - floor) / (ceiling - floor)
+
+
+@dataclass
+class IdentityBounds:
+    """What one concept's identity scores are read against, per score ("clip_i", "dino")."""
+
+    floor: dict[str, float]
+    ceiling: dict[str, float]
+    floor_folder: Path  # the floor's images, scores and floor.json
+    floor_subject: str  # the class phrase the base model was asked for
+    ceiling_source: str
+
+
+def identity_metrics(raw: dict, bounds: IdentityBounds | None, missing_reason: str = "") -> dict:
+    """Floor, ceiling and normalised score of CLIP-I and DINO (`<score>_floor`, `_ceiling`, `_norm`), where the
+    bounds came from, and a warning for every normalised score left NaN."""
+    metrics: dict = {}
+    warnings = [missing_reason] if bounds is None else []
+    for key, label in IDENTITY_SCORES.items():
+        floor = bounds.floor[key] if bounds else float("nan")
+        ceiling = bounds.ceiling[key] if bounds else float("nan")
+        norm = normalised_identity(raw[key], floor, ceiling)
+        metrics.update({f"{key}_floor": floor, f"{key}_ceiling": ceiling, f"{key}_norm": norm})
+        if bounds is not None and not ceiling - floor >= MIN_IDENTITY_RANGE:
+            warnings.append(f"{label}: the ceiling ({ceiling:.4f}) is not above the floor ({floor:.4f}) by "
+                            f"{MIN_IDENTITY_RANGE}; {key}_norm is undefined (NaN)")
+    for warning in warnings:
+        log.warning("identity normalisation: %s", warning)
+    return {**metrics, "floor_folder": str(bounds.floor_folder) if bounds else None,
+            "floor_subject": bounds.floor_subject if bounds else None,
+            "ceiling_source": bounds.ceiling_source if bounds else None, "identity_warnings": warnings}
+
+
+def has_identity_bounds(metrics: dict) -> bool:
+    """Whether an evaluation's metrics were written with a floor and a ceiling (not NaN for want of them)."""
+    return metrics.get("ceiling_source") is not None
+
+
+def floor_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path:
+    """<output_dir>/<concept>/_floor/<prompt set>-<settings key>-<base key>: shared by every method of the concept
+    whose evaluation samples alike; the base key names the base model, resolution and concept (class phrase and
+    reference photos), which the floor also depends on."""
+    sampling = protocol(spec, settings)
+    base = {"model": spec.model, "model_fingerprint": spec.model_fingerprint, "resolution": spec.resolution,
+            "concept": spec.concept.model_dump(mode="json", exclude={"holdout"})}
+    base_key = hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(run_dir).parent / FLOOR_FOLDER / f"{settings.prompts}-{settings_key(settings, sampling)}-{base_key}"
+
+
+def sample_base_model(spec: RunSpec, rows: list[EvalRow], sampling: dict, batch_size: int, device: torch.device,
+                      progress: bool = False) -> list[Image.Image]:
+    """The base model with no personalisation, on the rows' prompts and seeds with the evaluation's sampler."""
+    from personalize.models import load_components
+    from personalize.sampling import build_pipeline
+
+    components = load_components(spec.model)
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(device).eval()
+    return generate(build_pipeline(components, sampling["scheduler"]), [r.prompt for r in rows], [r.seed for r in rows],
+                    spec.resolution, sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)
+
+
+def write_floor(folder: Path, floor: dict, scored: list[dict], images: list[Image.Image], columns: int) -> None:
+    """Images, a grid (one row per prompt), per-image scores and floor.json, written to a temporary folder
+    renamed into place; when another process put a floor there first, that one is kept."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    for row, image in zip(scored, images):
+        row["image"] = f"images/p{row['prompt_index']:02d}-s{row['seed']}.png"
+        image.save(tmp / row["image"])
+    image_grid(images, columns).save(tmp / "grid.png")
+    (tmp / "scores.json").write_text(json.dumps(scored, indent=1))
+    (tmp / FLOOR_FILE).write_text(json.dumps(floor, indent=1))
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def class_floor(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers, device: torch.device,
+                progress: bool = False) -> tuple[dict, Path]:
+    """The identity floor of the run's concept (its aggregates as `aggregate` gives them) and its folder: read if
+    an earlier evaluation of the concept wrote it, else sampled from the base model with the class phrase in place
+    of the subject and scored against the same references with the same exclusions."""
+    folder = floor_folder(run_dir, spec, settings)
+    if not (folder / FLOOR_FILE).is_file():
+        phrase = class_phrase(spec.concept)
+        rows = eval_rows(spec, phrase, [], settings)
+        sampling = protocol(spec, settings)
+        images = sample_base_model(spec, rows, sampling, settings.batch_size, device, progress)
+        scored = scorers.score(images, rows, scorers.reference(spec))
+        floor = {**aggregate(scored, settings.exclude_tags), "concept": spec.concept.id, "subject": phrase,
+                 "model": spec.model, "resolution": spec.resolution,
+                 "prompt_set": prompt_set_for(settings.prompts, spec.concept.kind), "samples": settings.samples,
+                 "exclude_tags": settings.exclude_tags, "clip_model": settings.clip, "dino_model": settings.dino, **sampling}
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_floor(folder, floor, scored, images, settings.samples)
+    return json.loads((folder / FLOOR_FILE).read_text()), folder
+
+
+def identity_bounds(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers, device: torch.device,
+                    progress: bool = False) -> IdentityBounds:
+    floor, folder = class_floor(run_dir, spec, settings, scorers, device, progress)
+    ceiling, source = scorers.ceiling(spec)
+    return IdentityBounds({key: floor[key] for key in IDENTITY_SCORES}, ceiling, folder, floor["subject"], source)
 
 
 @dataclass
@@ -171,10 +346,9 @@ def finished_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) 
 
 
 def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scored: list[dict],
-                     images: list[Image.Image]) -> RunEvaluation:
-    """Images, scores, aggregates and the report, written to a temporary folder renamed into place."""
-    import shutil
-
+                     images: list[Image.Image], bounds: IdentityBounds | None = None) -> RunEvaluation:
+    """Images, scores, aggregates and the report, written to a temporary folder renamed into place. Without
+    `bounds` the floor, ceiling and normalised scores are NaN, with the reason among the warnings."""
     from personalize.report import write_run_report
 
     folder = evaluation_folder(run_dir, spec, settings)
@@ -184,8 +358,12 @@ def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, sco
     for row, image in zip(scored, images):
         row["image"] = f"images/p{row['prompt_index']:02d}-s{row['seed']}.png"
         image.save(tmp / row["image"])
+    raw = aggregate(scored, settings.exclude_tags)
+    missing = ("identity floor and ceiling switched off (floor_ceiling: false)" if not settings.floor_ceiling else
+               "identity floor and ceiling not computed by this evaluation path; `personalize evaluate` on the run adds "
+               "them without resampling it")
     metrics = {
-        **aggregate(scored, settings.exclude_tags),
+        **raw, **identity_metrics(raw, bounds, missing),
         "run": str(run_dir), "concept": spec.concept.id, "method": spec.method.name,
         "prompt_set": prompt_set_for(settings.prompts, spec.concept.kind), "samples": settings.samples,
         "text_mode": settings.text_mode, "exclude_tags": settings.exclude_tags, "clip_model": settings.clip,
@@ -198,19 +376,44 @@ def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, sco
     return RunEvaluation(Path(run_dir), folder, metrics, scored)
 
 
+def scorers_on(settings: EvaluationSpec, device: torch.device) -> Scorers:
+    return Scorers(settings.clip, settings.dino, "cpu" if device.type == "cpu" else str(device))
+
+
 def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers | None = None, device: str = "auto",
                  progress: bool = True) -> RunEvaluation:
-    """Generate, score and write one run's evaluation under RUN/eval/<prompt set>-<settings key>/ (reused if there)."""
-    done = finished_evaluation(Path(run_dir), read_spec(run_dir), settings)
-    if done is not None:
+    """Generate, score and write one run's evaluation under RUN/eval/<prompt set>-<settings key>/ (reused if
+    there), with the identity floor and ceiling unless `settings.floor_ceiling` is off. A finished evaluation that
+    lacks them gains them, its samples kept."""
+    run_dir = Path(run_dir)
+    spec = read_spec(run_dir)
+    done = finished_evaluation(run_dir, spec, settings)
+    if done is not None and (has_identity_bounds(done.metrics) or not settings.floor_ceiling):
         return done
+    if done is not None:
+        return add_identity_bounds(done, spec, settings, scorers, device, progress)
     sampler = RunSampler(run_dir, device)
     run = sampler.run
-    rows = eval_rows(run.spec, run.subject, run.placeholders.strings, settings)
-    images = sampler.generate(rows, protocol(run.spec, settings), settings.batch_size, progress)
-    scorers = scorers or Scorers(settings.clip, settings.dino, "cpu" if run.device.type == "cpu" else str(run.device))
-    scored = scorers.score(images, rows, scorers.reference(run.spec))
-    return write_evaluation(run.run_dir, run.spec, settings, scored, images)
+    rows = eval_rows(spec, run.subject, run.placeholders.strings, settings)
+    images = sampler.generate(rows, protocol(spec, settings), settings.batch_size, progress)
+    torch_device = run.device
+    del sampler, run  # the personalised pipeline leaves memory before the base model is loaded for the floor
+    scorers = scorers or scorers_on(settings, torch_device)
+    scored = scorers.score(images, rows, scorers.reference(spec))
+    bounds = identity_bounds(run_dir, spec, settings, scorers, torch_device, progress) if settings.floor_ceiling else None
+    return write_evaluation(run_dir, spec, settings, scored, images, bounds)
+
+
+def add_identity_bounds(done: RunEvaluation, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers | None,
+                        device: str, progress: bool) -> RunEvaluation:
+    """A finished evaluation rewritten with the identity floor and ceiling, from its stored images and scores."""
+    from personalize.run import resolve_device
+
+    torch_device = resolve_device(device)
+    scorers = scorers or scorers_on(settings, torch_device)
+    images = [Image.open(done.folder / row["image"]).convert("RGB") for row in done.scored]
+    bounds = identity_bounds(done.run_dir, spec, settings, scorers, torch_device, progress)
+    return write_evaluation(done.run_dir, spec, settings, done.scored, images, bounds)
 
 
 def evaluate_in_training(ctx, settings: EvaluationSpec, scorers: Scorers, max_prompts: int | None = None) -> dict:

@@ -15,6 +15,7 @@ from personalize.metrics import SCALE
 from personalize.sampling import image_grid
 
 SCORE_COLUMNS = ["prompt_index", "prompt", "text", "tags", "seed", "clip_t", "clip_i", "dino", "image"]
+IDENTITY_COLUMNS = ["clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm"]
 
 
 def write_scores(folder: Path, scored: list[dict]) -> pd.DataFrame:
@@ -54,16 +55,38 @@ def write_run_report(folder: Path, run_dir: Path, metrics: dict, scored: list[di
     heatmaps = sorted((run_dir / "attention").glob("*.png")) if (run_dir / "attention").is_dir() else []
     heat_html = "".join(f"<p><img src='{os.path.relpath(p, folder)}'></p>" for p in heatmaps) or "<p>none</p>"
     table = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    identity_html = identity_section(folder, metrics)
     (folder / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(metrics['concept'])} / "
         f"{html.escape(metrics['method'])}</title><style>body{{font-family:sans-serif;margin:2em}} img.grid{{image-rendering:pixelated;"
         f"height:128px}} td{{padding:2px 10px}}</style></head><body><h1>{html.escape(metrics['concept'])} &mdash; "
         f"{html.escape(metrics['method'])}</h1><p>Scores are {SCALE}s. CLIP-T: image vs prompt text; CLIP-I and DINO: mean "
-        f"over all generated x real image pairs.</p><table>{table}</table><h2>Reference photos</h2>{reference_html}"
+        f"over all generated x real image pairs.</p><table>{table}</table>{identity_html}<h2>Reference photos</h2>{reference_html}"
         f"<h2>Attention heat maps</h2>{heat_html}"
         f"<h2>Samples</h2>{''.join(sections)}</body></html>"
     )
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))  # last: marks the folder complete
+
+
+def identity_section(folder: Path, metrics: dict) -> str:
+    """CLIP-I and DINO between their floor and ceiling: the numbers, where the bounds come from, the floor's images
+    and any warning (a normalised score left undefined)."""
+    rows = "".join(
+        f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(metrics.get(key + suffix, float('nan')))}</td>"
+                                          for suffix in ("", "_floor", "_ceiling", "_norm")) + "</tr>"
+        for key, label in (("clip_i", "CLIP-I"), ("dino", "DINO")))
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in metrics.get("identity_warnings", []))
+    floor = metrics.get("floor_folder")
+    sources = "<p>Floor and ceiling not computed.</p>"
+    if floor:
+        grid = os.path.relpath(Path(floor) / "grid.png", folder)
+        sources = (f"<p>Floor: the base model, no personalisation, asked for &ldquo;{html.escape(metrics['floor_subject'])}"
+                   f"&rdquo; in place of the subject on the same prompts and seeds (<code>{html.escape(floor)}</code>). "
+                   f"Ceiling: {html.escape(metrics['ceiling_source'])}, scored against the reference photos. "
+                   f"Normalised = (score - floor) / (ceiling - floor): 0 is the base model's level, 1 real photos'.</p>"
+                   f"<p><img src='{grid}' class='grid'></p>")
+    return (f"<h2>Identity between floor and ceiling</h2><table><tr><th></th><th>score</th><th>floor</th><th>ceiling</th>"
+            f"<th>normalised</th></tr>{rows}</table>{sources}" + (f"<ul>{warnings}</ul>" if warnings else ""))
 
 
 def _fmt(value) -> str:
@@ -72,7 +95,8 @@ def _fmt(value) -> str:
 
 def comparison_frame(evaluations) -> pd.DataFrame:
     rows = [{"concept": e.metrics["concept"], "method": e.metrics["method"], "clip_t": e.metrics["clip_t"],
-             "clip_i": e.metrics["clip_i"], "dino": e.metrics["dino"], "n_images": e.metrics["n_images"],
+             "clip_i": e.metrics["clip_i"], "dino": e.metrics["dino"],
+             **{key: e.metrics.get(key, float("nan")) for key in IDENTITY_COLUMNS}, "n_images": e.metrics["n_images"],
              "report": str(e.folder / "report.html")} for e in evaluations]
     return pd.DataFrame(rows).sort_values(["concept", "method"]).reset_index(drop=True)
 
@@ -110,10 +134,15 @@ def write_comparison(evaluations, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = comparison_frame(evaluations)
     frame.to_csv(out_dir / "comparison.csv", index=False)
-    means = frame.groupby("method")[["clip_t", "clip_i", "dino"]].agg(["mean", "std", "count"])
-    lines = ["| concept | method | CLIP-T | CLIP-I | DINO |", "|---|---|---|---|---|"]
-    lines += [f"| {r.concept} | {r.method} | {r.clip_t:.4f} | {r.clip_i:.4f} | {r.dino:.4f} |" for r in frame.itertuples()]
-    lines += ["", f"Scores are {SCALE}s.", ""]
+    means = frame.groupby("method")[["clip_t", "clip_i", "dino", "clip_i_norm", "dino_norm"]].agg(["mean", "std", "count"])
+    lines = ["| concept | method | CLIP-T | CLIP-I | CLIP-I floor | CLIP-I ceiling | CLIP-I norm | DINO | DINO floor | "
+             "DINO ceiling | DINO norm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.concept} | {r.method} | {r.clip_t:.4f} | {r.clip_i:.4f} | {r.clip_i_floor:.4f} | {r.clip_i_ceiling:.4f} "
+              f"| {r.clip_i_norm:.4f} | {r.dino:.4f} | {r.dino_floor:.4f} | {r.dino_ceiling:.4f} | {r.dino_norm:.4f} |"
+              for r in frame.itertuples()]
+    lines += ["", f"Scores are {SCALE}s. Floor: the base model asked for the class in place of the subject; ceiling: "
+              "real photos of the subject kept out of training (without them, each reference photo against the others); "
+              "norm = (score - floor) / (ceiling - floor).", ""]
     (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     scatter = scatter_plot(frame, out_dir / "scatter.png")
     links = "".join(f"<li><a href='{os.path.relpath(p, out_dir)}'>{html.escape(c)} / {html.escape(m)}</a></li>"

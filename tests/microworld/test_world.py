@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from microworld.concepts import CONCEPTS, photos, write_concepts, write_pair
+from microworld.concepts import CONCEPTS, holdout_photos, photos, write_concepts, write_pair
 from microworld.world import (
     COLOURS,
     PATTERNS,
@@ -68,3 +68,17 @@ def test_written_concepts_load_as_a_manifest_with_masks(tmp_path):
     assert concepts[0].masks == str(tmp_path / "zebra-star-masks")
     row = write_pair(tmp_path, CONCEPTS[0], CONCEPTS[1])
     assert [s["super_category"] for s in row["subjects"]] == ["star", "heart"]
+
+
+def test_written_concepts_have_held_out_photos_unlike_the_training_photos(tmp_path):
+    concepts = load_manifest(write_concepts(tmp_path, CONCEPTS[:2], count=4))
+    for concept in concepts:
+        assert concept.holdout == str(tmp_path / f"{concept.id}-holdout")  # resolved like images and masks
+        training = [p.read_bytes() for p in sorted((tmp_path / concept.id).glob("*.png"))]
+        holdout = [p.read_bytes() for p in sorted((tmp_path / f"{concept.id}-holdout").glob("*.png"))]
+        assert len(holdout) == 8 and len(set(holdout)) == 8 and not set(holdout) & set(training)
+    scenes = holdout_photos(CONCEPTS[0])
+    assert scenes == holdout_photos(CONCEPTS[0])  # deterministic
+    assert len({s.style for s in scenes}) > 1 and len({s.scene for s in scenes}) > 1
+    training_poses = {(s.thing.x, s.thing.y, s.thing.angle) for s in photos(CONCEPTS[0], 4)}
+    assert not {(s.thing.x, s.thing.y, s.thing.angle) for s in scenes} & training_poses
