@@ -234,7 +234,7 @@ def identity_metrics(raw: dict, bounds: IdentityBounds | None, missing_reason: s
         if bounds is not None and not ceiling - floor >= MIN_IDENTITY_RANGE:
             warnings.append(f"{label}: the ceiling ({ceiling:.4f}) is not above the floor ({floor:.4f}) by "
                             f"{MIN_IDENTITY_RANGE}; {key}_norm is undefined (NaN)")
-    for warning in warnings:
+    for warning in warnings[1 if bounds is None else 0:]:  # bounds not computed yet is a state, not a problem
         log.warning("identity normalisation: %s", warning)
     return {**metrics, "floor_folder": str(bounds.floor_folder) if bounds else None,
             "floor_subject": bounds.floor_subject if bounds else None,

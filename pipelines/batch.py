@@ -22,7 +22,7 @@ from personalize.errors import ModelUnavailableError, PersonalizeError
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
 from pipelines.config import BatchConfig, load_batch, resolve_batch
 from pipelines.redaction import redact
-from pipelines.results import results_frame, to_markdown, write_results
+from pipelines.results import IDENTITY_BOUNDS, results_frame, to_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: s
         evaluation = evaluations.get(str(spec.run_dir))
         if evaluation is not None:
             m = evaluation.metrics
-            row.update(clip_t=m["clip_t"], clip_i=m["clip_i"], dino=m["dino"], report=str(evaluation.folder / "report.html"))
+            row.update(clip_t=m["clip_t"], clip_i=m["clip_i"], dino=m["dino"], report=str(evaluation.folder / "report.html"),
+                       **{key: m.get(key, float("nan")) for key in IDENTITY_BOUNDS})
         elif outcome.status != "failed" and eval_error:
             row["reason"] = redact(f"not evaluated: {eval_error}")
         rows.append(row)

@@ -22,12 +22,16 @@ from personalize.evaluation import (
     EvalRow,
     RunEvaluation,
     Scorers,
+    add_identity_bounds,
     eval_rows,
     finished_evaluation,
+    has_identity_bounds,
     protocol,
     read_spec,
+    scorers_on,
     write_evaluation,
 )
+from personalize.run import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,8 @@ class ScoreImages:
 def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, use_gpu: bool,
                   storage: str | None = None) -> dict[str, RunEvaluation]:
     """Run dir -> evaluation for every given finished run (finished evaluations are reused). With an s3
-    `storage` root, the sampling actors pull the run folders they evaluate."""
+    `storage` root, the sampling actors pull the run folders they evaluate. The identity floor and ceiling are
+    added in the driver (`add_bounds`)."""
     results, todo = {}, []
     for spec in specs:
         done = finished_evaluation(spec.run_dir, spec, settings)
@@ -100,8 +105,13 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
             results[str(spec.run_dir)] = done
         else:
             todo.append(str(spec.run_dir))
-    if not todo:
-        return results
+    if todo:
+        results.update(sample_and_score(todo, settings, actors, use_gpu, storage))
+    return add_bounds(results, settings, "cuda" if use_gpu else "cpu")
+
+
+def sample_and_score(todo: list[str], settings: EvaluationSpec, actors: int, use_gpu: bool,
+                     storage: str | None) -> dict[str, RunEvaluation]:
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     device = "cuda" if use_gpu else "cpu"
     ds = ray.data.from_items([{"run_dir": r} for r in todo]).repartition(len(todo))
@@ -113,8 +123,23 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
     by_run: dict[str, list[tuple[dict, bytes]]] = {}
     for row in scored.take_all():
         by_run.setdefault(row["run_dir"], []).append((json.loads(row["scored"]), row["image"]))
+    results = {}
     for run_dir, items in by_run.items():
         items.sort(key=lambda x: (x[0]["prompt_index"], x[0]["seed"]))
         spec = read_spec(run_dir)
         results[run_dir] = write_evaluation(Path(run_dir), spec, settings, [s for s, _ in items], [from_png(b) for _, b in items])
+    return results
+
+
+def add_bounds(results: dict[str, RunEvaluation], settings: EvaluationSpec, device: str) -> dict[str, RunEvaluation]:
+    """Each evaluation that lacks them gains the identity floor and ceiling: sampled here in the driver, once per
+    concept (every method of a concept shares its floor), from the stored images (nothing is sampled again)."""
+    if not settings.floor_ceiling:
+        return results
+    missing = {run: done for run, done in results.items() if not has_identity_bounds(done.metrics)}
+    if not missing:
+        return results
+    scorers = scorers_on(settings, resolve_device(device))
+    for run_dir, done in missing.items():
+        results[run_dir] = add_identity_bounds(done, read_spec(run_dir), settings, scorers, device, progress=False)
     return results

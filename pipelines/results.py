@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["concept", "method", "status", "reason", "train_seconds", "stage_seconds", "clip_t", "clip_i", "dino", "run_dir", "report"]
+IDENTITY_BOUNDS = ["clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm"]
+COLUMNS = ["concept", "method", "status", "reason", "train_seconds", "stage_seconds", "clip_t", "clip_i", "dino",
+           *IDENTITY_BOUNDS, "run_dir", "report"]
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
@@ -16,13 +18,15 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    lines = ["| concept | method | status | stages (s) | CLIP-T | CLIP-I | DINO | reason |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| concept | method | status | stages (s) | CLIP-T | CLIP-I | DINO | identity CLIP-I / DINO (0 floor, 1 ceiling) | reason |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in frame.itertuples():
         stages = ", ".join(f"{k} {v:.1f}" for k, v in json.loads(r.stage_seconds or "{}").items())
         metric = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
         reason = (r.reason or "").replace("|", "/").replace("\n", " ")
+        normalised = "" if pd.isna(r.clip_i_norm) and pd.isna(r.dino_norm) else f"{r.clip_i_norm:.2f} / {r.dino_norm:.2f}"
         lines.append(f"| {r.concept} | {r.method} | {r.status} | {stages} | {metric(r.clip_t)} | {metric(r.clip_i)} | "
-                     f"{metric(r.dino)} | {reason} |")
+                     f"{metric(r.dino)} | {normalised} | {reason} |")
     return "\n".join(lines) + "\n"
 
 

@@ -237,7 +237,8 @@ class BatchTracker:
         from mlflow.entities import Metric
 
         m, stamp = evaluation.metrics, int(time.time() * 1000)
-        metrics = [Metric(f"eval/{k}", float(m[k]), stamp, 0) for k in ("clip_t", "clip_i", "dino") if m[k] == m[k]]
+        keys = ("clip_t", "clip_i", "dino", "clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm")
+        metrics = [Metric(f"eval/{k}", float(m[k]), stamp, 0) for k in keys if k in m and m[k] == m[k]]
         self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "eval.scale", m["scale"])
         for name in ("scores.csv", "metrics.json", "report.html", "overview.png"):
