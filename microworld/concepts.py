@@ -54,11 +54,16 @@ def photos(concept: WorldConcept, count: int = 5, seed: int = 0) -> list[Scene]:
     return [Scene(concept.thing(rng), scene, "photo", seed=rng.randrange(1 << 30)) for scene in scenes]
 
 
+HOLDOUT_STYLE_WEIGHTS = {"photo": 9, "sketch": 1, "blurry": 1, "painting": 1}
+
+
 def holdout_photos(concept: WorldConcept, count: int = HOLDOUT_PHOTOS, seed: int = 0) -> list[Scene]:
-    """Fresh photos kept out of training, for the identity ceiling: new poses, scenes and styles drawn from the
-    whole world, from a random stream of their own (the training photos' never repeats here)."""
+    """Fresh photos kept out of training, for the identity ceiling: new poses and scenes, styles weighted as in the
+    evaluation prompts (world_eval: 9 photos, 1 sketch, 1 blurry, 1 painting in 12), from a random stream of their
+    own (the training photos' never repeats here)."""
     rng = random.Random(f"{concept.id}-holdout-{seed}")
-    return [Scene(concept.thing(rng), rng.choice(list(SCENES)), rng.choice(list(STYLES)), seed=rng.randrange(1 << 30))
+    styles, weights = list(STYLES), [HOLDOUT_STYLE_WEIGHTS[s] for s in STYLES]
+    return [Scene(concept.thing(rng), rng.choice(list(SCENES)), rng.choices(styles, weights)[0], seed=rng.randrange(1 << 30))
             for _ in range(count)]
 
 
@@ -88,11 +93,13 @@ def write_pair(folder: str | Path, first: WorldConcept, second: WorldConcept, se
     from microworld.world import render_pair
 
     rng = random.Random(f"{first.id}+{second.id}-{seed}")
-    left = replace(first.thing(rng), size=0.42, x=0.28, y=0.55)
-    right = replace(second.thing(rng), size=0.42, x=0.72, y=0.55)
     pair_id = f"{first.id}+{second.id}".replace("+", "-and-")
-    target = Path(folder) / pair_id
-    target.mkdir(parents=True, exist_ok=True)
-    render_pair(left, right, rng.choice(list(SCENES)), rng.randrange(1 << 30), size).save(target / "0.png")
-    return {"id": pair_id, "images": pair_id, "subjects": [{"super_category": first.shape}, {"super_category": second.shape}],
-            "kind": "object"}
+    for name, count in ((pair_id, 1), (f"{pair_id}-holdout", HOLDOUT_PHOTOS)):  # the training photo, then held-out ones
+        target = Path(folder) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            left = replace(first.thing(rng), size=0.42, x=0.28, y=0.55)
+            right = replace(second.thing(rng), size=0.42, x=0.72, y=0.55)
+            render_pair(left, right, rng.choice(list(SCENES)), rng.randrange(1 << 30), size).save(target / f"{i}.png")
+    return {"id": pair_id, "images": pair_id, "holdout": f"{pair_id}-holdout",
+            "subjects": [{"super_category": first.shape}, {"super_category": second.shape}], "kind": "object"}
