@@ -1,10 +1,11 @@
-"""Quality benchmark of every method in the micro world (see microworld/quality.py).
+"""Quality benchmark of every method in the micro world, run as `personalize batch`es (see microworld/quality.py).
 
-    python bench/quality.py                  # reduced setting: 2 concepts x 1 seed, under an hour on 2 CPU cores
-    python bench/quality.py --full           # 8 concepts x 3 seeds, the papers' step counts (hours on a CPU)
+    python bench/quality.py                  # default setting: 2 concepts x 1 seed, about an hour on 2 CPU cores
+    python bench/quality.py --full           # 8 concepts x 3 seeds, the model-scaled papers' step counts (a GPU)
     python bench/quality.py --methods core dreambooth --concepts 4 --seeds 2
 
-Prints the table and writes docs/quality.md, quality.csv, quality_runs.csv and quality.png.
+Local Ray by default; under `ray job submit` (or with RAY_ADDRESS set) the batches run on that cluster. Prints
+the table and writes docs/quality.md (with the claims table), quality.csv, quality_runs.csv and quality.png.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--concepts", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--work", default="outputs/quality", help="runs, samples and evaluations")
+    parser.add_argument("--work", default="outputs/quality", help="batch storage: runs, samples and evaluations")
     parser.add_argument("--docs", default="docs", help="where the table and plot go")
     args = parser.parse_args()
     setting = Setting.full() if args.full else Setting()
     for key in ("methods", "concepts", "seeds"):
         if getattr(args, key) is not None:
             setattr(setting, key, getattr(args, key))
+    from pipelines.cluster import setup_logging
+
+    setup_logging()
     began = time.perf_counter()
     frame = run(Path(args.work), setting)
     paths = write_report(frame, setting, Path(args.docs), (time.perf_counter() - began) / 60)

@@ -1,30 +1,29 @@
-"""The quality benchmark of the micro world: every method on held-out concepts, several seeds, scored by the
-world CLIP (CLIP-T, CLIP-I) and the self-supervised identity encoder (in DINO's role), as mean +- std over
-concepts and seeds, with the text-alignment vs identity scatter plot."""
+"""The quality benchmark of the micro world, run as `personalize batch`es: every method on held-out concepts and
+seeds (local Ray, or a cluster under `ray job submit`), scored by the world CLIP (CLIP-T, CLIP-I) and the
+self-supervised identity encoder (in DINO's role), identity normalised between each concept's floor (the base
+model asked for the class) and ceiling (held-out photos), with per-method 95 % bootstrap intervals and the
+papers' claims tested against them (microworld/claims.py)."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from microworld.concepts import CONCEPTS, write_concepts, write_pair
-from personalize.config import EvaluationSpec, ExperimentConfig, available_methods, resolve_runs
-from personalize.evaluation import evaluate_run
-from personalize.stages import run_method
+from personalize.config import available_methods, load_method
+from personalize.scaling import load_recipe_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "microworld"
+PAIR_METHODS = ("disendiff",)  # several subjects from one image: trained on the two-subject photo
 
-# Stage lengths relative to each paper recipe, so the reduced setting fits in under an hour on two CPU cores
-# (the world's images are 64 px with 16x16 latents; the full setting uses the papers' step counts).
-REDUCED_SCALES = {"textual_inversion": 0.2, "dreambooth": 0.5, "rare_two_stage": 1.0, "attndreambooth": 0.5, "core": 0.3,
+# Stage lengths relative to each (model-scaled) recipe, so the default setting fits an hour on two CPU cores.
+REDUCED_SCALES = {"textual_inversion": 0.1, "dreambooth": 0.75, "rare_two_stage": 0.6, "attndreambooth": 0.5, "core": 0.3,
                   "custom_diffusion": 1.0, "disendiff": 1.0}
-REDUCED_PRIORS = 50  # class-prior images per set in the reduced setting (papers: 200)
+REDUCED_PRIORS = 16  # class-prior images per set in the default setting (papers: 200)
 
 
 @dataclass
@@ -35,8 +34,10 @@ class Setting:
     scales: dict[str, float] = field(default_factory=lambda: dict(REDUCED_SCALES))
     class_images: int | None = REDUCED_PRIORS
     samples: int = 2  # images per evaluation prompt
-    eval_steps: int = 25
+    eval_steps: int = 20
     latent_variants: int = 8
+    concurrent_runs: int = 2
+    track: bool = True  # MLflow tracking of the batches (experiment "world-quality")
 
     @classmethod
     def full(cls) -> Setting:
@@ -46,85 +47,76 @@ class Setting:
     @classmethod
     def smoke(cls, methods: list[str]) -> Setting:
         return cls(concepts=1, seeds=1, methods=methods, scales={m: 0.01 for m in REDUCED_SCALES}, class_images=2,
-                   samples=1, eval_steps=2, latent_variants=1)
+                   samples=1, eval_steps=2, latent_variants=1, track=False)
 
 
-def evaluation(setting: Setting, models: Path) -> EvaluationSpec:
-    """One protocol for every method (DDIM, guidance 5), so the scores compare methods, not samplers."""
-    return EvaluationSpec(prompts="world_eval", samples=setting.samples, scheduler="ddim", steps=setting.eval_steps,
-                          guidance_scale=5.0, eta=0.0, clip=str(models / "clip"), dino=str(models / "identity"))
+def method_overrides(method: str, setting: Setting, models: Path) -> dict:
+    """Each stage's length times the setting's scale for the method, after the model's own recipe scale."""
+    scaled = load_method(method, scale=load_recipe_scale(str(models / "model")))
+    scale = setting.scales.get(method, 1.0)
+    overrides = {f"stages.{s.name}.steps": max(1, round(s.steps * scale)) for s in scaled.stages} if scale != 1.0 else {}
+    if setting.class_images and scaled.class_prior is not None:
+        overrides.update({"class_prior.num_images": setting.class_images, "class_prior.inference_steps": 20,
+                          "class_prior.guidance_scale": 5.0})
+    return overrides
 
 
-def run(out: Path, setting: Setting, models: Path = MODELS, progress: bool = True) -> pd.DataFrame:
-    out = out.resolve()  # run configs resolve relative paths against the concepts folder, not the cwd
-    out.mkdir(parents=True, exist_ok=True)
+def batch_config(setting: Setting, methods: list[str], concepts, seed: int, storage: Path, models: Path):
+    """One `personalize batch` of the benchmark: one protocol for every method (DDIM, guidance 5), so the scores
+    compare methods, not samplers."""
+    from pipelines.config import BatchConfig
+
+    return BatchConfig(
+        name="world-quality", model=str(models / "model"), methods=methods, concepts=concepts, storage=str(storage),
+        seed=seed, resolution=64, latent_variants=setting.latent_variants,
+        method_overrides={m: method_overrides(m, setting, models) for m in methods},
+        samples={"prompts": ["a photo of a {subject} on the beach"], "seeds": [0], "steps": 10, "heatmaps": False,
+                 "every_stage": False},
+        evaluation={"prompts": "world_eval", "samples": setting.samples, "scheduler": "ddim", "steps": setting.eval_steps,
+                    "guidance_scale": 5.0, "eta": 0.0, "clip": str(models / "clip"), "dino": str(models / "identity")},
+        resources={"max_concurrent_runs": setting.concurrent_runs},
+        tracking={"enabled": setting.track, "experiment": "world-quality", "register_models": False},
+    )
+
+
+def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
+    """Every (method, concept, seed) trained and evaluated through `personalize batch`; one row per run."""
+    from pipelines.batch import run_batch
+    from pipelines.tracking import tracker_for
+
+    out = out.resolve()
     manifest = write_concepts(out / "concepts", CONCEPTS[: setting.concepts])
     pair = write_pair(out / "concepts", CONCEPTS[0], CONCEPTS[1])
-    settings = evaluation(setting, models)
-    rows = []
-    for method in setting.methods:
-        for seed in range(setting.seeds):
-            overrides = {"class_prior.num_images": setting.class_images} if setting.class_images else {}
-            concepts = [pair] if method == "disendiff" else str(manifest)
-            experiment = ExperimentConfig(
-                model=str(models / "model"), method=method, concepts=concepts, output_dir=str(out / "runs" / f"seed-{seed}"),
-                seed=seed, resolution=64, latent_variants=setting.latent_variants, steps_scale=setting.scales.get(method, 1.0),
-                prior_cache_dir=str(out / "class-priors"), overrides=overrides,
-                samples={"prompts": ["a photo of a {subject} on the beach"], "seeds": [0], "steps": 10, "heatmaps": False},
-            )
-            for spec in resolve_runs(experiment, base_dir=out / "concepts"):
-                began = time.perf_counter()
-                run_method(spec, progress=progress)
-                trained = time.perf_counter() - began
-                result = evaluate_run(spec.run_dir, settings, progress=False)
-                m = result.metrics
-                rows.append({"method": method, "concept": spec.concept.id, "seed": seed, "clip_t": m["clip_t"],
-                             "clip_i": m["clip_i"], "identity": m["dino"], "train_seconds": round(trained, 1),
-                             "steps": sum(s.steps for s in spec.method.stages), "scale": setting.scales.get(method, 1.0)})
-    frame = pd.DataFrame(rows)
+    singles = [m for m in setting.methods if m not in PAIR_METHODS]
+    pairs = [m for m in setting.methods if m in PAIR_METHODS]
+    frames = []
+    for seed in range(setting.seeds):
+        for methods, concepts, group in ((singles, str(manifest), "single"), (pairs, [pair], "pair")):
+            if not methods:
+                continue
+            storage = out / f"seed-{seed}" / group
+            config = batch_config(setting, methods, concepts, seed, storage, models)
+            with tracker_for(config) as tracker:
+                run_batch(config, out / "concepts", tracker)
+            frames.append(pd.read_parquet(storage / "results" / "results.parquet").assign(seed=seed))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["steps"] = frame["method"].map(lambda m: sum(method_overrides(m, setting, models).get(f"stages.{s.name}.steps", s.steps)
+                                                       for s in load_method(m).stages))
     frame.to_csv(out / "quality_runs.csv", index=False)
     return frame
 
 
-def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    grouped = frame.groupby("method")
-    table = pd.DataFrame({
-        f"{metric}_{stat}": getattr(grouped[metric], stat)() for metric in ("clip_t", "clip_i", "identity") for stat in ("mean", "std")
-    })
-    table["runs"] = grouped.size()
-    table["steps"] = grouped["steps"].first()
-    table["train_seconds"] = grouped["train_seconds"].mean().round(1)
-    return table.reset_index()
-
-
-def markdown(table: pd.DataFrame, setting: Setting, minutes: float) -> str:
-    def cell(row, metric):
-        std = row[f"{metric}_std"]
-        return f"{row[f'{metric}_mean']:.4f} ± {0.0 if math.isnan(std) else std:.4f}"
-
-    lines = ["| method | CLIP-T | CLIP-I | identity | runs | steps | train s/run |", "|---|---|---|---|---|---|---|"]
-    for _, row in table.iterrows():
-        lines.append(f"| {row['method']} | {cell(row, 'clip_t')} | {cell(row, 'clip_i')} | {cell(row, 'identity')} | "
-                     f"{int(row['runs'])} | {int(row['steps'])} | {row['train_seconds']} |")
-    lines += ["", f"Raw cosines, mean ± std over {setting.concepts} concept(s) x {setting.seeds} seed(s) "
-              f"(DisenDiff: one two-subject photo x seeds); {setting.samples} image(s) per prompt of `world_eval`, DDIM "
-              f"{setting.eval_steps} steps, guidance 5. Stage lengths relative to the papers: "
-              + ", ".join(f"{m} x{s:g}" for m, s in setting.scales.items() if m in setting.methods)
-              + (f"; {setting.class_images} class-prior images per set." if setting.class_images else "."),
-              f"Wall time: {minutes:.1f} min."]
-    return "\n".join(lines) + "\n"
-
-
 def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float) -> dict[str, Path]:
-    from personalize.report import scatter_plot
+    from microworld.claims import claims_markdown, method_summary, summary_markdown, tradeoff_plot
 
     folder.mkdir(parents=True, exist_ok=True)
-    table = summary(frame)
+    finished = frame[frame["status"].isin(["finished", "skipped"])]
+    table = method_summary(finished)
     paths = {"markdown": folder / "quality.md", "csv": folder / "quality.csv", "scatter": folder / "quality.png",
              "runs": folder / "quality_runs.csv"}
     table.to_csv(paths["csv"], index=False)
     frame.to_csv(paths["runs"], index=False)
-    paths["markdown"].write_text(markdown(table, setting, minutes))
-    scatter_plot(frame.rename(columns={"identity": "dino"}), paths["scatter"], labels={"dino": "identity encoder"})
+    paths["markdown"].write_text(summary_markdown(table, finished, setting, minutes) + "\n" + claims_markdown(finished))
+    tradeoff_plot(table, finished, paths["scatter"])
     (folder / "quality_setting.json").write_text(json.dumps(setting.__dict__, indent=1))
     return paths

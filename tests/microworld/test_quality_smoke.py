@@ -1,19 +1,55 @@
-"""A smoke run of the quality benchmark: 1 concept x 2 methods x a few steps gives the table with every column."""
+"""The quality benchmark: a smoke run through `personalize batch` (local Ray) gives the table with every column and
+the claims table; the bootstrap intervals and claim verdicts are pinned on hand-made numbers."""
+
+import math
 
 import pandas as pd
+import pytest
 
+from microworld.claims import bootstrap_interval, claims_table, paired_difference, verdict
 from microworld.quality import Setting, run, write_report
 
 
-def test_quality_benchmark_smoke(tmp_path):
+def test_quality_benchmark_smoke(tmp_path, local_ray):
     setting = Setting.smoke(["textual_inversion", "disendiff"])
-    frame = run(tmp_path / "work", setting, progress=False)
-    assert list(frame["method"]) == ["textual_inversion", "disendiff"]
+    frame = run(tmp_path / "work", setting)
+    assert sorted(frame["method"]) == ["disendiff", "textual_inversion"]
+    assert set(frame["status"]) == {"finished"}
     paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0)
     table = pd.read_csv(paths["csv"])
-    assert list(table.columns) == ["method", "clip_t_mean", "clip_t_std", "clip_i_mean", "clip_i_std", "identity_mean",
-                                   "identity_std", "runs", "steps", "train_seconds"]
-    assert table[["clip_t_mean", "clip_i_mean", "identity_mean"]].notna().all().all()
+    for metric in ("clip_t", "clip_i_norm", "dino_norm"):
+        assert {metric, f"{metric}_low", f"{metric}_high"} <= set(table.columns)
+    assert table["clip_t"].notna().all()
+    assert frame[["clip_i_floor", "clip_i_ceiling", "dino_floor", "dino_ceiling"]].notna().all().all()
     text = paths["markdown"].read_text()
-    assert "| textual_inversion |" in text and "| disendiff |" in text and "Raw cosines" in text
+    assert "| textual_inversion |" in text and "| disendiff |" in text and "## The papers' claims" in text
     assert paths["scatter"].stat().st_size > 10_000
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_data():
+    mean, low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and 1.0 <= low < 2.5 < high <= 4.0
+    _, low_many, high_many = bootstrap_interval([1.0, 2.0, 3.0, 4.0] * 25)
+    assert high_many - low_many < (high - low) / 3
+    assert bootstrap_interval([0.7]) == (0.7, 0.7, 0.7)
+    assert all(math.isnan(v) for v in bootstrap_interval([float("nan")]))
+
+
+def runs(method: str, values: dict[str, float], seconds: float = 10.0) -> list[dict]:
+    return [{"method": method, "concept": c, "seed": 0, "clip_t": v, "clip_i_norm": v, "dino_norm": v,
+             "train_seconds": seconds} for c, v in values.items()]
+
+
+def test_claims_compare_paired_runs_and_read_the_interval():
+    # DreamBooth beats TI on every concept by 0.3: holds, whatever the concepts' own levels.
+    frame = pd.DataFrame(runs("dreambooth", {"a": 0.9, "b": 0.4, "c": 0.6}) + runs("textual_inversion", {"a": 0.6, "b": 0.1, "c": 0.3})
+                         + runs("rare_two_stage", {"a": 0.2, "b": 0.9, "c": 0.3}, seconds=5.0))
+    mean, low, high, pairs = paired_difference(frame, "dreambooth", "textual_inversion", "clip_i_norm")
+    assert (mean, low, high, pairs) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3), 3)
+    rows = {r["claim"]: r for r in claims_table(frame)}
+    assert rows["DreamBooth above Textual Inversion in identity"]["verdict"] == "holds"
+    assert rows['"(rare)" above DreamBooth in text alignment and identity']["verdict"] == "inconclusive"  # -0.7, +0.5, -0.3
+    assert rows['"(rare)" trains in less time than DreamBooth']["verdict"] == "holds"
+    assert rows["CoRe above AttnDreamBooth in text alignment and identity"]["evidence"] == "core or attndreambooth not run"
+    assert sum(r["verdict"] == "not tested" for r in rows.values()) == 3
+    assert verdict(-0.2, -0.1) == "fails" and verdict(-0.1, 0.1) == "inconclusive" and verdict(0.1, 0.2) == "holds"
