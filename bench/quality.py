@@ -14,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from microworld.quality import Setting, run, write_report
 
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--work", default="outputs/quality", help="batch storage: runs, samples and evaluations")
     parser.add_argument("--docs", default="docs", help="where the table and plot go")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the last run's table")
     args = parser.parse_args()
     setting = Setting.full() if args.full else Setting()
     for key in ("methods", "concepts", "seeds"):
@@ -33,9 +36,15 @@ def main() -> None:
     from pipelines.cluster import setup_logging
 
     setup_logging()
-    began = time.perf_counter()
-    frame = run(Path(args.work), setting)
-    paths = write_report(frame, setting, Path(args.docs), (time.perf_counter() - began) / 60)
+    work = Path(args.work)
+    if args.report_only:
+        frame, minutes = pd.read_csv(work / "quality_runs.csv"), float((work / "wall_minutes.txt").read_text())
+    else:
+        began = time.perf_counter()
+        frame = run(work, setting)
+        minutes = (time.perf_counter() - began) / 60
+        (work / "wall_minutes.txt").write_text(f"{minutes:.2f}\n")
+    paths = write_report(frame, setting, Path(args.docs), minutes)
     print(paths["markdown"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
 

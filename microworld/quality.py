@@ -106,6 +106,20 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
     return frame
 
 
+GENERATED_BEGIN = "<!-- results: written by bench/quality.py -->"
+GENERATED_END = "<!-- end of results -->"
+
+
+def with_generated_section(path: Path, generated: str) -> str:
+    """The file's text with its generated results replaced; the hand-written rest (the analysis) is kept."""
+    block = f"{GENERATED_BEGIN}\n{generated}{GENERATED_END}\n"
+    text = path.read_text() if path.is_file() else ""
+    if GENERATED_BEGIN in text and GENERATED_END in text:
+        before, rest = text.split(GENERATED_BEGIN, 1)
+        return before + block + rest.split(GENERATED_END, 1)[1].lstrip("\n")
+    return block + ("\n" + text if text else "")
+
+
 def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float) -> dict[str, Path]:
     from microworld.claims import claims_markdown, method_summary, summary_markdown, tradeoff_plot
 
@@ -116,7 +130,8 @@ def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: f
              "runs": folder / "quality_runs.csv"}
     table.to_csv(paths["csv"], index=False)
     frame.to_csv(paths["runs"], index=False)
-    paths["markdown"].write_text(summary_markdown(table, finished, setting, minutes) + "\n" + claims_markdown(finished))
+    generated = summary_markdown(table, finished, setting, minutes) + "\n" + claims_markdown(finished)
+    paths["markdown"].write_text(with_generated_section(paths["markdown"], generated))
     tradeoff_plot(table, finished, paths["scatter"])
     (folder / "quality_setting.json").write_text(json.dumps(setting.__dict__, indent=1))
     return paths

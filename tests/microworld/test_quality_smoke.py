@@ -53,3 +53,13 @@ def test_claims_compare_paired_runs_and_read_the_interval():
     assert rows["CoRe above AttnDreamBooth in text alignment and identity"]["evidence"] == "core or attndreambooth not run"
     assert sum(r["verdict"] == "not tested" for r in rows.values()) == 3
     assert verdict(-0.2, -0.1) == "fails" and verdict(-0.1, 0.1) == "inconclusive" and verdict(0.1, 0.2) == "holds"
+
+
+def test_the_report_replaces_its_results_and_keeps_the_analysis(tmp_path):
+    from microworld.quality import with_generated_section
+
+    path = tmp_path / "quality.md"
+    path.write_text(with_generated_section(path, "table one\n"))
+    path.write_text(path.read_text().replace("table one\n", "table one\n", 1) + "\n# Analysis\nwritten by hand\n")
+    text = with_generated_section(path, "table two\n")
+    assert "table two" in text and "table one" not in text and text.endswith("# Analysis\nwritten by hand\n")
