@@ -229,7 +229,13 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+RAY_COMMANDS = {"batch": _batch, "sweep": _sweep, "stack": _stack}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in RAY_COMMANDS:  # their own parsers, --help included
+        return RAY_COMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for ours in ("personalize", "pipelines", "tuning"):

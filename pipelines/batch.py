@@ -128,7 +128,9 @@ def _root_cause(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="personalize batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                                         "examples:\n  personalize batch configs/batch/demo.yaml\n"
+                                         "  personalize batch my_batch.yaml resources.max_concurrent_runs=4 storage=s3://bucket/prefix"))
     parser.add_argument("config", help="batch YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.max_concurrent_runs=2")
     args = parser.parse_args(argv)

@@ -306,7 +306,9 @@ def main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="personalize stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                                         "examples:\n  personalize stack up && source .stack/env.sh\n"
+                                         "  personalize stack status\n  personalize stack down"))
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--dir", default=".stack", help="where the stack keeps its data, logs and pids")
     parser.add_argument("--port-offset", type=int, default=0, help="shift every port (to run two stacks)")

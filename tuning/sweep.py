@@ -210,7 +210,9 @@ def write_results(sweep: SweepConfig, batch, base_dir: Path, frame: pd.DataFrame
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="personalize sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                                         "examples:\n  personalize sweep configs/sweeps/demo_rare.yaml\n"
+                                         "  personalize sweep configs/sweeps/world_core.yaml storage=s3://bucket/sweeps"))
     parser.add_argument("config", help="sweep YAML")
     parser.add_argument("overrides", nargs="*", help="overrides of the base batch config")
     args = parser.parse_args(argv)
