@@ -78,7 +78,7 @@ class NormLockSpec(Strict):
 class StageSpec(Strict):
     name: str
     trainable: list[str] = Field(min_length=1)
-    steps: int = Field(ge=0)
+    steps: int = Field(ge=1)  # a stage of no steps would train nothing and still report a finished run
     lr: float = Field(gt=0)
     batch_size: int = Field(default=1, ge=1)
     grad_accum: int = Field(default=1, ge=1)

@@ -15,6 +15,8 @@ from personalize.config import (
     RunSpec,
     SampleSpec,
     apply_overrides,
+    available_methods,
+    method_path,
     parse_override,
     read_yaml,
     resolve_model,
@@ -75,9 +77,13 @@ def load_batch(path: str | Path, cli_overrides: list[str] | None = None) -> tupl
     if overrides:
         raw = apply_overrides(raw, overrides, f"{path} (with overrides)")
     config = validate(BatchConfig, raw, str(path))
+    problems = [f"methods: unknown method {m!r}; available: {', '.join(available_methods())}"
+                for m in config.methods if not method_path(m).is_file()]
     unknown = [m for m in config.method_overrides if m not in config.methods]
     if unknown:
-        raise ConfigError(str(path), [f"method_overrides names methods not in `methods`: {unknown}"])
+        problems.append(f"method_overrides names methods not in `methods`: {unknown}")
+    if problems:
+        raise ConfigError(str(path), problems)
     config.model = resolve_model(config.model, path.parent)  # ./ or ../ paths are relative to this file
     if config.evaluation is not None:  # so are scorer folders
         config.evaluation = config.evaluation.model_copy(update={
