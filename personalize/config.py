@@ -576,8 +576,9 @@ def _relative(path: str, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
 
 
-def load_manifest(path: str | Path) -> list[ConceptSpec]:
-    """Concepts from a YAML list, JSON lines or CSV file; all bad rows are reported together."""
+def read_manifest(path: str | Path) -> tuple[list[ConceptSpec], dict[str, str]]:
+    """The good concepts of a YAML list, JSON lines or CSV file, and label -> reason for each bad row. A file that
+    cannot be read as a list of concepts at all is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), ["concepts manifest not found"])
@@ -602,15 +603,28 @@ def load_manifest(path: str | Path) -> list[ConceptSpec]:
         raise ConfigError(str(path), [f"unknown manifest format {suffix!r}; use .yaml, .jsonl or .csv"])
     if not isinstance(rows, list) or not rows:
         raise ConfigError(str(path), ["expected a non-empty list of concepts"])
-    concepts, problems = [], []
+    return _validate_rows(rows, path)
+
+
+def load_manifest(path: str | Path) -> list[ConceptSpec]:
+    """Concepts from a YAML list, JSON lines or CSV file; all bad rows are reported together."""
+    concepts, bad = read_manifest(path)
+    if bad:
+        raise ConfigError(str(path), [f"concept {label}: {reason}" for label, reason in bad.items()])
+    return concepts
+
+
+def _validate_rows(rows: list, path: Path) -> tuple[list[ConceptSpec], dict[str, str]]:
+    """Valid concepts, and label -> reason for each row that is not (a duplicated id fails every row holding it)."""
+    concepts, bad = [], {}
     for i, row in enumerate(rows):
-        label = row.get("id", f"[{i}]") if isinstance(row, dict) else f"[{i}]"
+        label = str(row.get("id", f"[{i}]")) if isinstance(row, dict) else f"[{i}]"
         try:
             concepts.append(_resolve_concept(ConceptSpec.model_validate(row), path.parent))
         except ValidationError as e:
-            problems += [f"concept {label}: {p}" for p in format_validation_error(e, row)]
+            bad[label if label not in bad else f"{label} (row {i + 1})"] = "; ".join(format_validation_error(e, row))
     ids = [c.id for c in concepts]
-    problems += [f"concept id {i!r} appears more than once" for i in sorted({i for i in ids if ids.count(i) > 1})]
-    if problems:
-        raise ConfigError(str(path), problems)
-    return concepts
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        folders = ", ".join(c.images for c in concepts if c.id == dup)
+        bad[dup] = f"concept id {dup!r} appears more than once (images {folders}); give each concept its own id"
+    return [c for c in concepts if c.id not in bad], bad

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from personalize.errors import ModelUnavailableError, PersonalizeError
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
-from pipelines.config import BatchConfig, load_batch, resolve_batch
+from pipelines.config import BatchConfig, load_batch, resolve_batch, split_manifest
 from pipelines.redaction import redact
 from pipelines.results import IDENTITY_BOUNDS, results_frame, to_markdown, write_results
 
@@ -50,6 +50,13 @@ def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: s
     return rows
 
 
+def manifest_rows(bad: dict[str, str], methods: list[str]) -> list[dict]:
+    """Failed rows for the manifest's bad concepts, one per method, so the table says what happened to each."""
+    return [{"concept": label, "method": method, "status": "failed", "reason": redact(f"bad manifest row: {reason}"),
+             "run_dir": "", "stage_seconds": "{}", "train_seconds": 0.0, "report": ""}
+            for label, reason in bad.items() for method in methods]
+
+
 def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
     from personalize.models import resolve_model_path
     from pipelines.evaluate import evaluate_runs
@@ -62,6 +69,9 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
     if not root.remote and os.environ.get("RAY_JOB_ID") and not Path(config.storage).is_absolute():
         log.warning("storage %r is relative: under `ray job submit` it lands in the job's temporary working "
                     "directory; use an absolute path or s3://bucket/prefix", config.storage)
+    config, manifest_bad = split_manifest(config, base_dir)
+    for label, reason in manifest_bad.items():
+        log.error("skipping concept %s: %s", label, redact(reason))
     specs = resolve_batch(config, base_dir, str(root.local("runs")), str(root.local("cache")))
     print(f"{len(specs)} runs ({len({s.concept.id for s in specs})} concepts x {len(config.methods)} methods); "
           f"storage {root.uri()}; {connect()}", flush=True)
@@ -89,7 +99,7 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
         except Exception as e:  # scorers missing, for instance: the trained runs still stand
             eval_error = _root_cause(e)
             log.error("evaluation failed: %s", eval_error)
-    frame = results_frame(result_rows(specs, bad, outcomes, evaluations, eval_error))
+    frame = results_frame(result_rows(specs, bad, outcomes, evaluations, eval_error) + manifest_rows(manifest_bad, config.methods))
     paths = write_results(frame, root.local("results"))
     if len(evaluations) > 1:
         from personalize.report import write_comparison

@@ -18,6 +18,7 @@ from personalize.config import (
     available_methods,
     method_path,
     parse_override,
+    read_manifest,
     read_yaml,
     resolve_model,
     resolve_runs,
@@ -89,6 +90,19 @@ def load_batch(path: str | Path, cli_overrides: list[str] | None = None) -> tupl
         config.evaluation = config.evaluation.model_copy(update={
             "clip": resolve_model(config.evaluation.clip, path.parent), "dino": resolve_model(config.evaluation.dino, path.parent)})
     return config, path.parent
+
+
+def split_manifest(config: BatchConfig, base_dir: Path) -> tuple[BatchConfig, dict[str, str]]:
+    """A manifest's bad rows (unsafe or duplicate id, unknown kind, ...) fail only their concept: the config with
+    the good concepts inline, and label -> reason for the others. With no good concept at all the batch is refused."""
+    if not isinstance(config.concepts, str):
+        return config, {}
+    path = Path(config.concepts)
+    path = path if path.is_absolute() else (base_dir / path).resolve()
+    good, bad = read_manifest(path)
+    if not good:
+        raise ConfigError(str(path), [f"concept {label}: {reason}" for label, reason in bad.items()])
+    return config.model_copy(update={"concepts": good}), bad
 
 
 def resolve_batch(config: BatchConfig, base_dir: Path, runs_dir: str, cache_dir: str) -> list[RunSpec]:

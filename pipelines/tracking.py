@@ -204,7 +204,9 @@ class BatchTracker:
         by_dir = {str(s.run_dir): s for s in specs}
         best: dict[str, tuple[float, str, str]] = {}
         for row in frame.itertuples():
-            spec = by_dir[row.run_dir]
+            spec = by_dir.get(row.run_dir)
+            if spec is None:  # a bad manifest row: no run was ever resolved; the results table says why
+                continue
             run = self.child(spec)
             if run is None:  # never started (bad input found while preparing): record it as a failed run
                 RunTracker(self.worker_settings(), spec).finish(spec.run_dir, "FAILED", row.reason)

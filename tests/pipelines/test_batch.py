@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pipelines.batch import main
@@ -29,11 +30,19 @@ def tracked(local_ray, tiny_model, tiny_scorers, tmp_path_factory):
     broken = draw_concept(root / "broken", n=2)
     (broken / "0.png").write_bytes((broken / "0.png").read_bytes()[:150])
     (root / FAKE_SECRET / "empty").mkdir(parents=True)
+    twin_a, twin_b = draw_concept(root / "twin-a", n=2), draw_concept(root / "twin-b", n=2)
     concepts = [{"id": "ball", "images": str(good), "super_category": "ball"},
                 {"id": "broken", "images": str(broken), "super_category": "ball"},
-                {"id": "empty", "images": str(root / FAKE_SECRET / "empty"), "super_category": "box"}]
+                {"id": "empty", "images": str(root / FAKE_SECRET / "empty"), "super_category": "box"},
+                # bad manifest rows fail only their concept
+                {"id": "../escape", "images": str(good), "super_category": "ball"},
+                {"id": "odd", "images": str(good), "super_category": "ball", "kind": "plant"},
+                {"id": "twin", "images": str(twin_a), "super_category": "ball"},
+                {"id": "twin", "images": str(twin_b), "super_category": "ball"}]
+    manifest = root / "concepts.yaml"
+    manifest.write_text(yaml.safe_dump({"concepts": concepts}))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    config = batch_file(root, tiny_model, tiny_scorers, root / "store", concepts,
+    config = batch_file(root, tiny_model, tiny_scorers, root / "store", str(manifest),
                         samples={"steps": 1, "seeds": [0], "heatmaps": True},
                         tracking={"enabled": True, "uri": uri, "experiment": "tracked", "best_metric": "eval/clip_i"})
     import os
@@ -53,7 +62,7 @@ def tracked(local_ray, tiny_model, tiny_scorers, tmp_path_factory):
 def test_good_runs_finish_and_bad_concepts_are_reported(tracked):
     assert tracked["code"] == 0
     frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
-    assert len(frame) == 6
+    assert len(frame) == 12  # 6 concepts (3 of them bad manifest rows) x 2 methods
     good = frame[frame["concept"] == "ball"]
     assert list(good["status"]) == ["finished", "finished"]
     assert good[["clip_t", "clip_i", "dino"]].notna().all().all()
@@ -64,6 +73,10 @@ def test_good_runs_finish_and_bad_concepts_are_reported(tracked):
     assert (bad["status"] == "failed").all()
     assert "concept 'broken': 0.png cannot be read" in bad.loc["broken", "reason"].iloc[0]
     assert "concept 'empty'" in bad.loc["empty", "reason"].iloc[0] and "is empty" in bad.loc["empty", "reason"].iloc[0]
+    assert "concept id '../escape' is unsafe" in bad.loc["../escape", "reason"].iloc[0]
+    assert "kind: got 'plant'" in bad.loc["odd", "reason"].iloc[0]
+    twin = bad.loc["twin", "reason"].iloc[0]
+    assert "appears more than once" in twin and "twin-a" in twin and "twin-b" in twin
     markdown = (tracked["store"] / "results" / "results.md").read_text()
     assert "| ball | textual_inversion | finished |" in markdown and "| broken | rare_two_stage | failed |" in markdown
     assert (tracked["store"] / "results" / "comparison" / "scatter.png").is_file()

@@ -22,3 +22,22 @@ def test_a_stage_of_zero_steps_is_refused():
     with pytest.raises(ConfigError) as e:
         load_method("textual_inversion", {"stages.embedding.steps": 0})
     assert any("embedding" in p and "steps" in p and "greater than or equal to 1" in p for p in e.value.problems)
+
+
+def test_a_manifests_bad_rows_fail_only_their_concepts(tmp_path):
+    from pipelines.config import BatchConfig, split_manifest
+
+    rows = [{"id": "good", "images": "a", "super_category": "dog"},
+            {"id": "../escape", "images": "b", "super_category": "dog"},
+            {"id": "odd", "images": "c", "super_category": "dog", "kind": "plant"},
+            {"id": "twin", "images": "d", "super_category": "dog"}, {"id": "twin", "images": "e", "super_category": "dog"}]
+    (tmp_path / "concepts.yaml").write_text(yaml.safe_dump({"concepts": rows}))
+    config = BatchConfig(model="m", methods=["dreambooth"], concepts="concepts.yaml")
+    split, bad = split_manifest(config, tmp_path)
+    assert [c.id for c in split.concepts] == ["good"] and split.concepts[0].images == str(tmp_path / "a")
+    assert set(bad) == {"../escape", "odd", "twin"}
+    assert "unsafe" in bad["../escape"] and "kind: got 'plant'" in bad["odd"]
+    assert str(tmp_path / "d") in bad["twin"] and str(tmp_path / "e") in bad["twin"]
+    (tmp_path / "concepts.yaml").write_text(yaml.safe_dump({"concepts": rows[1:3]}))
+    with pytest.raises(ConfigError, match="concept odd: kind"):  # nothing good left: the batch is refused
+        split_manifest(config, tmp_path)
