@@ -21,6 +21,7 @@ from pathlib import Path
 from personalize.errors import ModelUnavailableError, PersonalizeError
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
 from pipelines.config import BatchConfig, load_batch, resolve_batch, split_manifest
+from pipelines.preflight import check_batch_resources
 from pipelines.redaction import redact
 from pipelines.results import IDENTITY_BOUNDS, results_frame, to_markdown, write_results
 
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         config, base_dir = load_batch(args.config, args.overrides)
+        check_batch_resources(config, args.config)  # before Ray or a tracking run starts
         from pipelines.tracking import tracker_for
 
         with tracker_for(config) as tracker:
