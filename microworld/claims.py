@@ -72,13 +72,12 @@ CLAIMS = (  # (claim, source, a, b, metrics that must all be higher for a)
      ("clip_t", "clip_i_norm")),
     ('"(rare)" above DreamBooth in text alignment and identity', "seed 002", "rare_two_stage", "dreambooth",
      ("clip_t", "clip_i_norm")),
+    ("CoRe's test-time optimisation raises CLIP-T", "seed 001", "core+tto", "core", ("clip_t",)),
 )
 NOT_TESTED = (
     ("Textual Inversion overfits the embedding (its attention spreads onto context tokens)", "seed 000",
      "not measured by the benchmark: it needs the attention spread of the learned token over the context tokens; the "
      "per-stage heat maps of each run (attention/) show it but are not scored"),
-    ("CoRe's test-time optimisation raises CLIP-T", "seed 001",
-     "not run: test-time optimisation is per prompt (`personalize sample --tto`), outside the batch evaluation"),
     ("DisenDiff keeps two subjects of one image apart better than Custom Diffusion", "seed 003",
      "not measured: it needs each subject's identity scored against the other subject's references, and Custom "
      "Diffusion trained on the two-subject photo; the benchmark trains Custom Diffusion on single-subject concepts"),

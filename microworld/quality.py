@@ -24,6 +24,7 @@ PAIR_METHODS = ("disendiff",)  # several subjects from one image: trained on the
 REDUCED_SCALES = {"textual_inversion": 0.1, "dreambooth": 0.75, "rare_two_stage": 0.6, "attndreambooth": 0.5, "core": 0.3,
                   "custom_diffusion": 1.0, "disendiff": 1.0}
 REDUCED_PRIORS = 16  # class-prior images per set in the default setting (papers: 200)
+SCORES = ("clip_t", "clip_i", "dino", "clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm")
 
 
 @dataclass
@@ -61,6 +62,26 @@ def method_overrides(method: str, setting: Setting, models: Path) -> dict:
     return overrides
 
 
+def evaluation_settings(setting: Setting, models: Path, **extra) -> dict:
+    return {"prompts": "world_eval", "samples": setting.samples, "scheduler": "ddim", "steps": setting.eval_steps,
+            "guidance_scale": 5.0, "eta": 0.0, "clip": str(models / "clip"), "dino": str(models / "identity"), **extra}
+
+
+def test_time_rows(frame: pd.DataFrame, setting: Setting, models: Path) -> pd.DataFrame:
+    """CoRe's runs evaluated again with its test-time optimisation (method `core+tto`), in this process; a finished
+    evaluation is reused."""
+    from personalize.config import EvaluationSpec
+    from personalize.evaluation import evaluate_run
+
+    settings = EvaluationSpec(**evaluation_settings(setting, models, tto=True))
+    rows = []
+    for row in frame[(frame["method"] == "core") & frame["status"].isin(["finished", "skipped"])].to_dict("records"):
+        metrics = evaluate_run(row["run_dir"], settings, progress=False).metrics
+        rows.append({**row, "method": "core+tto", **{k: metrics.get(k, float("nan")) for k in SCORES}})
+    return pd.DataFrame(rows, columns=frame.columns)
+
+
+
 def batch_config(setting: Setting, methods: list[str], concepts, seed: int, storage: Path, models: Path):
     """One `personalize batch` of the benchmark: one protocol for every method (DDIM, guidance 5), so the scores
     compare methods, not samplers."""
@@ -72,8 +93,7 @@ def batch_config(setting: Setting, methods: list[str], concepts, seed: int, stor
         method_overrides={m: method_overrides(m, setting, models) for m in methods},
         samples={"prompts": ["a photo of a {subject} on the beach"], "seeds": [0], "steps": 10, "heatmaps": False,
                  "every_stage": False},
-        evaluation={"prompts": "world_eval", "samples": setting.samples, "scheduler": "ddim", "steps": setting.eval_steps,
-                    "guidance_scale": 5.0, "eta": 0.0, "clip": str(models / "clip"), "dino": str(models / "identity")},
+        evaluation=evaluation_settings(setting, models),
         resources={"max_concurrent_runs": setting.concurrent_runs},
         tracking={"enabled": setting.track, "experiment": "world-quality", "register_models": False},
     )
@@ -100,8 +120,9 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
                 run_batch(config, out / "concepts", tracker)
             frames.append(pd.read_parquet(storage / "results" / "results.parquet").assign(seed=seed))
     frame = pd.concat(frames, ignore_index=True)
+    frame = pd.concat([frame, test_time_rows(frame, setting, models)], ignore_index=True)
     frame["steps"] = frame["method"].map(lambda m: sum(method_overrides(m, setting, models).get(f"stages.{s.name}.steps", s.steps)
-                                                       for s in load_method(m).stages))
+                                                       for s in load_method(m.removesuffix("+tto")).stages))
     frame.to_csv(out / "quality_runs.csv", index=False)
     return frame
 

@@ -114,7 +114,7 @@ def cmd_evaluate(args) -> int:
     fields = {k: v for k, v in {
         "prompts": args.prompts, "samples": args.samples, "seed": args.seed, "scheduler": args.scheduler,
         "steps": args.steps, "guidance_scale": args.guidance, "text_mode": args.text_mode,
-        "exclude_tags": args.exclude_tags, "clip": args.clip, "dino": args.dino}.items() if v is not None}
+        "exclude_tags": args.exclude_tags, "clip": args.clip, "dino": args.dino, "tto": args.tto}.items() if v is not None}
     settings = EvaluationSpec(**fields)
     from personalize.run import resolve_device
 
@@ -125,7 +125,8 @@ def cmd_evaluate(args) -> int:
         result = evaluate_run(run, settings, scorers, device=args.device)
         m = result.metrics
         print(f"{m['concept']:>16} {m['method']:<18} CLIP-T {m['clip_t']:.4f}  CLIP-I {m['clip_i']:.4f}  "
-              f"DINO {m['dino']:.4f}  ({m['n_images']} images, {m['scale']})  {result.folder / 'report.html'}")
+              f"DINO {m['dino']:.4f}  identity (0 floor, 1 ceiling) CLIP-I {m.get('clip_i_norm', float('nan')):.2f} "
+              f"DINO {m.get('dino_norm', float('nan')):.2f}  ({m['n_images']} images, {m['scale']})  {result.folder / 'report.html'}")
         evaluations.append(result)
     if len(evaluations) > 1:
         out = write_comparison(evaluations, Path(args.out))
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-mode", choices=["remove", "replace"], default=None,
                    help="CLIP-T prompt: placeholder removed (default) or subject replaced by the class word")
     p.add_argument("--exclude-tags", nargs="*", default=None, help="prompt tags left out of CLIP-I/DINO, e.g. style outfit")
+    p.add_argument("--tto", action="store_true", default=None,
+                   help="CoRe's test-time optimisation of the placeholder for each prompt before sampling it")
     p.add_argument("--clip", default=None, help="open_clip ARCH/TAG or a local folder (default ViT-B-32/openai)")
     p.add_argument("--dino", default=None, help="transformers ViT id or local folder (default facebook/dino-vits16)")
     p.add_argument("--device", default="auto")

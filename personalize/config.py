@@ -184,6 +184,7 @@ class EvaluationSpec(Strict):
     eta: float | None = None
     text_mode: Literal["remove", "replace"] = "remove"  # CLIP-T prompt: placeholder removed, or subject -> class word
     exclude_tags: list[str] = []  # prompts with these tags leave the identity metrics (CoRe: style, outfit)
+    tto: bool = False  # CoRe's test-time optimisation of the placeholder for each prompt before sampling it
     clip: str = "ViT-B-32/openai"
     dino: str = "facebook/dino-vits16"
     batch_size: int = Field(default=8, ge=1)

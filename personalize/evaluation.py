@@ -97,10 +97,10 @@ def protocol(spec: RunSpec, settings: EvaluationSpec) -> dict:
     }
 
 
-def settings_key(settings: EvaluationSpec, sampling: dict) -> str:
+def settings_key(settings: EvaluationSpec, sampling: dict, exclude: frozenset[str] = frozenset()) -> str:
     """Names an evaluation by what changes its samples and scores; `floor_ceiling` does not (an evaluation made
     without the bounds gains them later without resampling, see `evaluate_run`)."""
-    payload = json.dumps({**settings.model_dump(mode="json", exclude={"floor_ceiling"}), **sampling}, sort_keys=True)
+    payload = json.dumps({**settings.model_dump(mode="json", exclude=exclude | {"floor_ceiling"}), **sampling}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
@@ -110,10 +110,27 @@ class RunSampler:
     def __init__(self, run_dir: str | Path, device: str = "auto"):
         self.run = LoadedRun(run_dir, device=device)
 
-    def generate(self, rows: list[EvalRow], sampling: dict, batch_size: int, progress: bool = False) -> list[Image.Image]:
+    def generate(self, rows: list[EvalRow], sampling: dict, batch_size: int, progress: bool = False,
+                 tto: bool = False) -> list[Image.Image]:
+        """Images in the rows' order. With `tto`, the placeholder is first optimised for each prompt (CoRe's test-time
+        optimisation, from the trained embedding every time) and that prompt's rows are sampled with it."""
         pipe = self.run.pipeline(sampling["scheduler"])
-        return generate(pipe, [r.prompt for r in rows], [r.seed for r in rows], self.run.spec.resolution,
-                        sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)
+
+        def sample(part: list[EvalRow]) -> list[Image.Image]:
+            return generate(pipe, [r.prompt for r in part], [r.seed for r in part], self.run.spec.resolution,
+                            sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)
+
+        if not tto:
+            return sample(rows)
+        from personalize.tokens import restore_rows
+        from personalize.tto import optimize_for_prompt
+
+        images = []
+        for template in dict.fromkeys(r.template for r in rows):
+            optimize_for_prompt(self.run, template, progress=False)
+            images += sample([r for r in rows if r.template == template])
+        restore_rows(self.run.components.text_encoder, self.run.trained_rows)
+        return images
 
 
 def masked_references(concept: ConceptSpec, photos: list[Image.Image]) -> list[Image.Image]:
@@ -254,7 +271,8 @@ def floor_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path
     base = {"model": spec.model, "model_fingerprint": spec.model_fingerprint, "resolution": spec.resolution,
             "concept": spec.concept.model_dump(mode="json", exclude={"holdout"})}
     base_key = hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(run_dir).parent / FLOOR_FOLDER / f"{settings.prompts}-{settings_key(settings, sampling)}-{base_key}"
+    key = settings_key(settings, sampling, exclude=frozenset({"tto"}))  # the base model has no placeholder to tune
+    return Path(run_dir).parent / FLOOR_FOLDER / f"{settings.prompts}-{key}-{base_key}"
 
 
 def sample_base_model(spec: RunSpec, rows: list[EvalRow], sampling: dict, batch_size: int, device: torch.device,
@@ -395,7 +413,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
     sampler = RunSampler(run_dir, device)
     run = sampler.run
     rows = eval_rows(spec, run.subject, run.placeholders.strings, settings)
-    images = sampler.generate(rows, protocol(spec, settings), settings.batch_size, progress)
+    images = sampler.generate(rows, protocol(spec, settings), settings.batch_size, progress, settings.tto)
     torch_device = run.device
     del sampler, run  # the personalised pipeline leaves memory before the base model is loaded for the floor
     scorers = scorers or scorers_on(settings, torch_device)

@@ -67,7 +67,7 @@ class SampleRun:
             sampler = RunSampler(run_dir, self.device)
             run = sampler.run
             rows = eval_rows(run.spec, run.subject, run.placeholders.strings, self.settings)
-            images = sampler.generate(rows, protocol(run.spec, self.settings), self.settings.batch_size)
+            images = sampler.generate(rows, protocol(run.spec, self.settings), self.settings.batch_size, tto=self.settings.tto)
             for row, image in zip(rows, images):
                 out.append({"run_dir": run_dir, "spec": run.spec.model_dump_json(), "row": json.dumps(asdict(row)),
                             "image": png_bytes(image)})

@@ -175,3 +175,25 @@ def test_test_time_optimisation_works_on_other_methods_with_a_placeholder(spec_f
     run_method(db, components=load_components(str(tiny_model)), progress=False)
     with pytest.raises(ConceptError, match="learned no placeholder"):
         optimize_for_prompt(LoadedRun(db.run_dir), "a {} on the moon", steps=2, progress=False)
+
+
+def test_evaluation_with_test_time_optimisation_tunes_each_prompt_and_restores_the_embedding(spec_for, tiny_model):
+    from personalize.config import EvaluationSpec
+    from personalize.evaluation import RunSampler, eval_rows, protocol, settings_key
+
+    spec = spec_for("core")
+    run_method(spec, components=load_components(str(tiny_model)), progress=False)
+    sampler = RunSampler(spec.run_dir)
+    run = sampler.run
+    settings = EvaluationSpec(prompts="personalize_eval", samples=2, steps=2)
+    rows = [r for r in eval_rows(run.spec, run.subject, run.placeholders.strings, settings) if r.prompt_index < 2]
+    sampling = protocol(run.spec, settings)
+    plain = sampler.generate(rows, sampling, batch_size=4)
+    tuned = sampler.generate(rows, sampling, batch_size=4, tto=True)
+    assert len(tuned) == len(rows) == 4
+    assert all(a.tobytes() != b.tobytes() for a, b in zip(plain, tuned))  # every prompt sampled with its tuned token
+    assert torch.equal(placeholder_embedding(run.components.text_encoder).rows.detach(), run.trained_rows)
+    again = sampler.generate(rows, sampling, batch_size=4)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(plain, again))
+    tto = settings.model_copy(update={"tto": True})
+    assert settings_key(tto, sampling) != settings_key(settings, sampling)  # its own evaluation folder

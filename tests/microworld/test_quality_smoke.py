@@ -51,7 +51,7 @@ def test_claims_compare_paired_runs_and_read_the_interval():
     assert rows['"(rare)" above DreamBooth in text alignment and identity']["verdict"] == "inconclusive"  # -0.7, +0.5, -0.3
     assert rows['"(rare)" trains in less time than DreamBooth']["verdict"] == "holds"
     assert rows["CoRe above AttnDreamBooth in text alignment and identity"]["evidence"] == "core or attndreambooth not run"
-    assert sum(r["verdict"] == "not tested" for r in rows.values()) == 3
+    assert sum(r["verdict"] == "not tested" for r in rows.values()) == 2
     assert verdict(-0.2, -0.1) == "fails" and verdict(-0.1, 0.1) == "inconclusive" and verdict(0.1, 0.2) == "holds"
 
 
