@@ -11,6 +11,7 @@ the table and writes docs/quality.md (with the claims table), quality.csv, quali
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def main() -> None:
 
     setup_logging()
     work = Path(args.work)
-    if args.report_only:
+    if args.report_only:  # the setting that made the table, not this command line's
         frame, minutes = pd.read_csv(work / "quality_runs.csv"), float((work / "wall_minutes.txt").read_text())
+        setting = Setting(**json.loads((Path(args.docs) / "quality_setting.json").read_text()))
     else:
         began = time.perf_counter()
         frame = run(work, setting)

@@ -18,12 +18,13 @@ RESAMPLES = 2000
 
 
 def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile-bootstrap interval of the mean; NaN values are left out; (nan, nan, nan) if empty."""
+    """Mean and 95 % percentile-bootstrap interval of the mean; NaN values are left out. One value has no interval
+    (its bounds are NaN, so no claim rests on a single run); none gives (nan, nan, nan)."""
     data = np.asarray([v for v in values if v == v], dtype=float)
     if data.size == 0:
         return math.nan, math.nan, math.nan
     if data.size == 1:
-        return float(data[0]), float(data[0]), float(data[0])
+        return float(data[0]), math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, data.size, (resamples, data.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -117,6 +118,8 @@ def _cell(row, metric: str, digits: int = 3) -> str:
     mean, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
     if mean != mean:
         return "n/a"
+    if low != low:
+        return f"{mean:.{digits}f} (one run)"
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
@@ -142,6 +145,12 @@ def summary_markdown(table: pd.DataFrame, frame: pd.DataFrame, setting, minutes:
     return "\n".join(lines) + "\n"
 
 
+def _spread(row, metric: str) -> list[list[float]]:
+    """Error-bar lengths below and above the mean (none for a single run)."""
+    low, high = row[f"{metric}_low"], row[f"{metric}_high"]
+    return [[row[metric] - low if low == low else 0.0], [high - row[metric] if high == high else 0.0]]
+
+
 def tradeoff_plot(table: pd.DataFrame, frame: pd.DataFrame, path) -> None:
     """CLIP-T (x) against normalised identity (y): runs as dots, method means with their 95 % intervals as bars."""
     import matplotlib
@@ -155,8 +164,7 @@ def tradeoff_plot(table: pd.DataFrame, frame: pd.DataFrame, path) -> None:
         for k, row in table.reset_index(drop=True).iterrows():
             part = frame[frame["method"] == row["method"]]
             ax.scatter(part["clip_t"], part[metric], color=colours(k % 10), alpha=0.35, s=22)
-            ax.errorbar(row["clip_t"], row[metric], xerr=[[row["clip_t"] - row["clip_t_low"]], [row["clip_t_high"] - row["clip_t"]]],
-                        yerr=[[row[metric] - row[f"{metric}_low"]], [row[f"{metric}_high"] - row[metric]]],
+            ax.errorbar(row["clip_t"], row[metric], xerr=_spread(row, "clip_t"), yerr=_spread(row, metric),
                         fmt="X", ms=10, color=colours(k % 10), mec="black", capsize=3, label=row["method"])
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.axhline(1, color="grey", lw=0.8, ls=":")

@@ -121,8 +121,11 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
             frames.append(pd.read_parquet(storage / "results" / "results.parquet").assign(seed=seed))
     frame = pd.concat(frames, ignore_index=True)
     frame = pd.concat([frame, test_time_rows(frame, setting, models)], ignore_index=True)
+    scale = load_recipe_scale(str(models / "model"))
     frame["steps"] = frame["method"].map(lambda m: sum(method_overrides(m, setting, models).get(f"stages.{s.name}.steps", s.steps)
-                                                       for s in load_method(m.removesuffix("+tto")).stages))
+                                                       for s in load_method(m.removesuffix("+tto"), scale=scale).stages))
+    # a run found finished (a resubmission) reports no training time of its own: its stages' recorded times
+    frame["train_seconds"] = frame["stage_seconds"].map(lambda t: round(sum(json.loads(t or "{}").values()), 2))
     frame.to_csv(out / "quality_runs.csv", index=False)
     return frame
 

@@ -23,6 +23,7 @@ from personalize.scaling import RecipeScale, load_recipe_scale, scale_recipe
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+RECORD_ONLY = {"model_lr_scale", "model_steps_scale"}  # stage fields that record how numbers came about
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -92,7 +93,8 @@ class StageSpec(Strict):
     embedding_norm_lock: NormLockSpec | None = None
     prompt: str | list[str] | None = None  # replaces the method's training prompt(s) in this stage
     context_prompts: list[str] | None = None  # replaces the regularisation templates (test-time optimisation)
-    model_lr_scale: float = Field(default=1.0, gt=0)  # set from the model's recipe_scale.json: lr = paper lr x this
+    # set from the model's recipe_scale.json: lr = paper lr x this (a record: the effective lr is what is hashed)
+    model_lr_scale: float = Field(default=1.0, gt=0)
     model_steps_scale: float = Field(default=1.0, gt=0)  # likewise for steps
 
     @field_validator("name")
@@ -346,7 +348,9 @@ class RunSpec(Strict):
         payload = self.model_dump(mode="json", exclude={
             "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
             "checkpoint_every": True, "gradient_checkpointing": True,
-            "method": {"evaluation": True, "summary": True, "paper": True}, "concept": {"holdout": True}})
+            "method": {"evaluation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
+                       "test_time": RECORD_ONLY},
+            "concept": {"holdout": True}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -470,8 +474,15 @@ def load_method(name_or_path: str, overrides: dict[str, Any] | None = None, scal
         )
     raw = scale_recipe(read_yaml(path), scale)
     if overrides:
-        raw = apply_overrides(raw, overrides, f"{path} (with overrides)")
+        raw = apply_overrides(raw, {**overrides, **_unscaled(overrides)} if scale else overrides, f"{path} (with overrides)")
     return validate(MethodSpec, raw, str(path))
+
+
+def _unscaled(overrides: dict[str, Any]) -> dict[str, Any]:
+    """An overridden lr or length is an effective value: its stage no longer records a model scale for it."""
+    marks = {".lr": ".model_lr_scale", ".steps": ".model_steps_scale"}
+    return {key.removesuffix(end) + mark: 1.0 for key in overrides for end, mark in marks.items()
+            if key.endswith(end) and key.startswith(("stages.", "test_time."))}
 
 
 def validate(model: type[BaseModel], data: Any, source: str):

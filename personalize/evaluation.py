@@ -181,13 +181,11 @@ class Scorers:
             if concept.holdout:
                 holdout = self.features(load_concept_images(concept.id, concept.holdout, resolution=0))
                 scores = {key: pairwise_mean(holdout[i], reference[i]) for i, key in enumerate(IDENTITY_SCORES)}
-                source = f"{len(holdout[0])} held-out photos ({concept.holdout})"
             else:
                 photos = load_concept_images(concept.id, concept.images, resolution=0)
                 candidates = self.features(photos) if concept.masks else reference
                 scores = {key: leave_one_out_mean(candidates[i], reference[i]) for i, key in enumerate(IDENTITY_SCORES)}
-                source = f"leave-one-out over the {len(photos)} reference photos"
-            self._ceiling[concept.id] = (scores, source)
+            self._ceiling[concept.id] = (scores, ceiling_source(concept))
         return self._ceiling[concept.id]
 
     def score(self, images: list[Image.Image], rows: list[EvalRow], reference: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
@@ -258,9 +256,24 @@ def identity_metrics(raw: dict, bounds: IdentityBounds | None, missing_reason: s
             "ceiling_source": bounds.ceiling_source if bounds else None, "identity_warnings": warnings}
 
 
-def has_identity_bounds(metrics: dict) -> bool:
-    """Whether an evaluation's metrics were written with a floor and a ceiling (not NaN for want of them)."""
-    return metrics.get("ceiling_source") is not None
+def ceiling_source(concept: ConceptSpec) -> str:
+    """Where a concept's ceiling comes from, with a digest of those photos' bytes: a folder whose photos change
+    (added, removed, drawn again) names another source, so an evaluation holding the old ceiling is not reused."""
+    from personalize.images import list_image_files
+
+    folder = concept.holdout or concept.images
+    files = list_image_files(concept.id, folder)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + Path(path).read_bytes())
+    what = "held-out photos" if concept.holdout else "reference photos, leave-one-out"
+    return f"{len(files)} {what} ({folder}, {digest.hexdigest()[:12]})"
+
+
+def has_identity_bounds(metrics: dict, concept: ConceptSpec) -> bool:
+    """Whether an evaluation's metrics hold a floor and a ceiling, the ceiling from the concept's photos as they
+    are now (not NaN for want of them, nor from photos since replaced)."""
+    return metrics.get("ceiling_source") is not None and metrics["ceiling_source"] == ceiling_source(concept)
 
 
 def floor_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path:
@@ -406,7 +419,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     done = finished_evaluation(run_dir, spec, settings)
-    if done is not None and (has_identity_bounds(done.metrics) or not settings.floor_ceiling):
+    if done is not None and (has_identity_bounds(done.metrics, spec.concept) or not settings.floor_ceiling):
         return done
     if done is not None:
         return add_identity_bounds(done, spec, settings, scorers, device, progress)

@@ -38,7 +38,9 @@ def _covers(key: str, selector: str) -> bool:
 
 
 def _width_rank(selector: str) -> int:
-    return next((i for i, kind in enumerate(WIDTH_ORDER) if _covers(kind, selector)), len(WIDTH_ORDER))
+    """Rank of the most specific kind covering the selector (0: the whole UNet, the widest)."""
+    ranks = [i for i, kind in enumerate(WIDTH_ORDER) if _covers(kind, selector)]
+    return max(ranks) if ranks else len(WIDTH_ORDER)
 
 
 class RecipeScale(BaseModel):
@@ -59,19 +61,30 @@ class RecipeScale(BaseModel):
         return table[max(keys, key=len)] if keys else 1.0
 
 
+def _scale_file_text(model: str) -> tuple[str | None, str]:
+    """The model's recipe_scale.json text (a local folder or an s3 prefix), or None; and where it was looked for."""
+    if model.startswith("s3://"):
+        from personalize import storage
+
+        uri = f"{model.rstrip('/')}/{SCALE_FILE}"
+        return (storage.read_bytes(uri).decode() if storage.exists(uri) else None), uri
+    path = Path(model).expanduser() / SCALE_FILE
+    return (path.read_text() if "://" not in model and path.is_file() else None), str(path)
+
+
 def load_recipe_scale(model: str) -> RecipeScale | None:
-    """The model folder's recipe scale, or None (hub ids, s3 uris and folders without the file)."""
+    """The model folder's recipe scale, or None (hub ids and folders or s3 prefixes without the file)."""
     from personalize.params import SELECTORS
 
-    path = Path(model) / SCALE_FILE
-    if "://" in model or not path.is_file():
+    text, path = _scale_file_text(model)
+    if text is None:
         return None
     try:
-        scale = RecipeScale.model_validate(json.loads(path.read_text()))
+        scale = RecipeScale.model_validate(json.loads(text))
     except json.JSONDecodeError as e:
-        raise ConfigError(str(path), [f"not valid JSON ({e.msg}, line {e.lineno}); fix or remove the file"]) from None
+        raise ConfigError(path, [f"not valid JSON ({e.msg}, line {e.lineno}); fix or remove the file"]) from None
     except ValidationError as e:
-        raise ConfigError(str(path), [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from None
+        raise ConfigError(path, [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from None
     problems = [
         f"{table}.{key}: unknown trainable selector; available: {', '.join(SELECTORS)}"
         for table in ("lr", "steps") for key in getattr(scale, table) if key not in SELECTORS
@@ -81,7 +94,7 @@ def load_recipe_scale(model: str) -> RecipeScale | None:
     ]
     problems += _unknown_prompt_sets(scale.prompt_sets)
     if problems:
-        raise ConfigError(str(path), problems)
+        raise ConfigError(path, problems)
     return scale
 
 
@@ -98,6 +111,19 @@ def _unknown_prompt_sets(mapping: dict[str, str]) -> list[str]:
     known = set(available_prompt_sets())
     return [f"prompt_sets.{key}: unknown prompt set {value!r}; available: {', '.join(sorted(known))}"
             for key, value in mapping.items() if value not in known]
+
+
+def scaled_lengths(stage: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A raw stage's step counts times `factor`: its length, warmup and a norm-lock window given in steps (a
+    window given as fractions follows the stage by itself)."""
+    update: dict[str, Any] = {"steps": max(1, round(stage["steps"] * factor))}
+    if isinstance(stage.get("warmup_steps"), int):
+        update["warmup_steps"] = round(stage["warmup_steps"] * factor)
+    lock = stage.get("embedding_norm_lock")
+    if isinstance(lock, dict) and isinstance(lock.get("start"), int) and isinstance(lock.get("end"), int):
+        start = max(1, round(lock["start"] * factor))
+        update["embedding_norm_lock"] = {**lock, "start": start, "end": max(start + 1, round(lock["end"] * factor))}
+    return update
 
 
 def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[str, Any]:
@@ -117,7 +143,7 @@ def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[
             stage["lr"] = float(stage["lr"]) * lr_factor
             stage["model_lr_scale"] = lr_factor
         if steps_factor != 1.0 and isinstance(stage.get("steps"), int):
-            stage["steps"] = max(1, round(stage["steps"] * steps_factor))
+            stage.update(scaled_lengths(stage, steps_factor))
             stage["model_steps_scale"] = steps_factor
         return stage
 

@@ -16,7 +16,9 @@ from personalize.tokens import placeholder_embedding, restore_rows, single_token
 
 
 def test_time_stage(run: LoadedRun, steps: int | None = None) -> StageSpec:
-    stage = run.spec.method.test_time or load_method("core").test_time
+    from personalize.scaling import load_recipe_scale
+
+    stage = run.spec.method.test_time or load_method("core", scale=load_recipe_scale(run.spec.model)).test_time
     return stage.model_copy(update={"steps": steps}) if steps else stage
 
 

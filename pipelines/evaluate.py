@@ -107,7 +107,7 @@ def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, u
             todo.append(str(spec.run_dir))
     if todo:
         results.update(sample_and_score(todo, settings, actors, use_gpu, storage))
-    return add_bounds(results, settings, "cuda" if use_gpu else "cpu")
+    return add_bounds(results, settings)
 
 
 def sample_and_score(todo: list[str], settings: EvaluationSpec, actors: int, use_gpu: bool,
@@ -131,15 +131,21 @@ def sample_and_score(todo: list[str], settings: EvaluationSpec, actors: int, use
     return results
 
 
-def add_bounds(results: dict[str, RunEvaluation], settings: EvaluationSpec, device: str) -> dict[str, RunEvaluation]:
-    """Each evaluation that lacks them gains the identity floor and ceiling: sampled here in the driver, once per
-    concept (every method of a concept shares its floor), from the stored images (nothing is sampled again)."""
+def add_bounds(results: dict[str, RunEvaluation], settings: EvaluationSpec) -> dict[str, RunEvaluation]:
+    """Each evaluation that lacks them gains the identity floor and ceiling: sampled here in the driver (on its GPU if
+    it has one), once per concept (every method of a concept shares its floor), from the stored images (nothing is
+    sampled again). A run whose bounds fail keeps its evaluation without them, the reason logged."""
     if not settings.floor_ceiling:
         return results
-    missing = {run: done for run, done in results.items() if not has_identity_bounds(done.metrics)}
+    specs = {run: read_spec(run) for run in results}
+    missing = {run: done for run, done in results.items() if not has_identity_bounds(done.metrics, specs[run].concept)}
     if not missing:
         return results
-    scorers = scorers_on(settings, resolve_device(device))
+    device = resolve_device("auto")
+    scorers = scorers_on(settings, device)
     for run_dir, done in missing.items():
-        results[run_dir] = add_identity_bounds(done, read_spec(run_dir), settings, scorers, device, progress=False)
+        try:
+            results[run_dir] = add_identity_bounds(done, specs[run_dir], settings, scorers, str(device), progress=False)
+        except Exception as e:  # an optional enrichment: the scored samples stand without it
+            log.error("identity floor and ceiling of %s not computed: %s", run_dir, e)
     return results

@@ -79,7 +79,7 @@ def test_the_ceiling_scores_held_out_photos_or_else_each_reference_against_the_o
     ceiling, source = scorers.ceiling(spec)
     assert ceiling["dino"] == pytest.approx(leave_one_out_mean(references[1], references[1]))
     assert ceiling["dino"] != pytest.approx(pairwise_mean(references[1], references[1]))  # no photo meets itself
-    assert source == "leave-one-out over the 4 reference photos"
+    assert source.startswith("4 reference photos, leave-one-out")
 
 
 def test_the_floor_is_sampled_once_per_concept_and_shared_by_its_methods(spec_for, tiny_clip, tiny_dino, tmp_path,
@@ -137,3 +137,17 @@ def test_the_floor_is_sampled_once_per_concept_and_shared_by_its_methods(spec_fo
     assert set(NEW_KEYS) <= set(comparison.columns)
     assert comparison["dino_floor"].tolist() == pytest.approx([floor["dino"]] * 2)
     assert "DINO norm" in out["markdown"].read_text()
+
+
+def test_the_ceiling_source_changes_when_its_photos_do(tmp_path):
+    """An evaluation is reused with its ceiling only while the photos it came from are the same."""
+    from personalize.config import ConceptSpec
+    from personalize.evaluation import ceiling_source
+    from tests.conftest import draw_concept
+
+    holdout = draw_concept(tmp_path / "holdout", n=3)
+    concept = ConceptSpec(id="c", images=str(draw_concept(tmp_path / "images", n=3)), super_category="ball", holdout=str(holdout))
+    before = ceiling_source(concept)
+    assert before.startswith("3 held-out photos") and before == ceiling_source(concept)
+    draw_concept(holdout, n=3, seed=5)  # the same names, new pictures
+    assert ceiling_source(concept) != before

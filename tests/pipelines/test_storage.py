@@ -35,6 +35,14 @@ def test_base_model_folder_from_s3_loads_like_the_local_one(seaweedfs, tiny_mode
     StableDiffusionPipeline.from_pretrained(str(remote.path))
 
 
+def test_a_model_on_s3_brings_its_recipe_scale(seaweedfs):
+    from personalize.scaling import load_recipe_scale
+
+    assert load_recipe_scale("s3://personalize/models/no-scale-here") is None
+    storage.write_bytes("s3://personalize/models/scaled/recipe_scale.json", b'{"lr": {"unet": 20}}')
+    assert load_recipe_scale("s3://personalize/models/scaled").lr == {"unet": 20}
+
+
 def test_artifacts_round_trip_and_the_marker_goes_last(seaweedfs, tmp_path):
     run = tmp_path / "run"
     (run / "attention").mkdir(parents=True)

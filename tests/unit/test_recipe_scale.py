@@ -72,9 +72,8 @@ def test_a_bad_scale_file_is_a_clear_error(tmp_path, payload, message):
     assert SCALE_FILE in str(e.value) and message in str(e.value)
 
 
-def test_hub_ids_uris_and_plain_folders_have_no_scale(tmp_path):
+def test_hub_ids_and_plain_folders_have_no_scale(tmp_path):
     assert load_recipe_scale("runwayml/stable-diffusion-v1-5") is None
-    assert load_recipe_scale("s3://bucket/model") is None
     assert load_recipe_scale(str(tmp_path)) is None
 
 
@@ -107,3 +106,23 @@ def test_prompt_sets_speak_the_models_language(tmp_path):
     write_scale(tmp_path, {"prompt_sets": {"ti_object": "klingon"}})
     with pytest.raises(ConfigError, match="unknown prompt set 'klingon'"):
         load_recipe_scale(str(tmp_path))
+
+
+def test_an_overridden_number_no_longer_records_a_scale_and_the_hash_ignores_the_record(tmp_path, concept_dir):
+    scale = load_recipe_scale(str(write_scale(tmp_path / "m", {"lr": {"unet": 20, "unet.attn2": 10}, "steps": {"unet": 2}})))
+    stage = load_method("dreambooth", {"stages.finetune.lr": 3e-5}, scale).stages[0]
+    assert (stage.lr, stage.model_lr_scale, stage.model_steps_scale) == (3e-5, 1.0, 2.0)
+    assert RecipeScale.factor(scale.lr, ["unet.attn2", "unet"]) == RecipeScale.factor(scale.lr, ["unet", "unet.attn2"]) == 20
+    experiment = ExperimentConfig(model=str(tmp_path / "x"), method="dreambooth", output_dir=str(tmp_path / "runs"),
+                                  concepts=[{"id": "c", "images": str(concept_dir), "super_category": "star"}])
+    spec = resolve_runs(experiment)[0]
+    recorded = spec.model_copy(update={"method": spec.method.model_copy(update={"stages": [
+        spec.method.stages[0].model_copy(update={"model_lr_scale": 7.0})]})})
+    assert recorded.config_hash() == spec.config_hash()  # a record of how a number came about is not hashed
+
+
+def test_steps_scale_moves_warmup_and_a_norm_lock_given_in_steps(tmp_path):
+    from personalize.scaling import scaled_lengths
+
+    stage = {"steps": 300, "warmup_steps": 10, "embedding_norm_lock": {"start": 120, "end": 180}}
+    assert scaled_lengths(stage, 2.0) == {"steps": 600, "warmup_steps": 20, "embedding_norm_lock": {"start": 240, "end": 360}}
