@@ -25,12 +25,12 @@ from personalize.evaluation import (
     add_identity_bounds,
     eval_rows,
     finished_evaluation,
-    has_identity_bounds,
     protocol,
     read_spec,
     scorers_on,
     write_evaluation,
 )
+from personalize.identity import has_identity_bounds
 from personalize.run import resolve_device
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ import torch
 
 import personalize.evaluation as evaluation
 from personalize.config import EvaluationSpec
-from personalize.evaluation import (
+from personalize.evaluation import Scorers, evaluate_run, leave_one_out_mean
+from personalize.identity import (
+    IDENTITY_SCORES,
+    MIN_IDENTITY_RANGE,
     IdentityBounds,
-    Scorers,
-    evaluate_run,
     identity_metrics,
-    leave_one_out_mean,
     normalised_identity,
 )
 from personalize.images import load_concept_images
@@ -124,10 +124,10 @@ def test_the_floor_is_sampled_once_per_concept_and_shared_by_its_methods(spec_fo
         assert not math.isnan(metrics["dino_norm"])  # these encoders leave DINO a range (and CLIP-I none)
         for key in ("clip_i", "dino"):
             floor_value, ceiling = metrics[f"{key}_floor"], metrics[f"{key}_ceiling"]
-            if ceiling - floor_value >= evaluation.MIN_IDENTITY_RANGE:
+            if ceiling - floor_value >= MIN_IDENTITY_RANGE:
                 assert metrics[f"{key}_norm"] == pytest.approx((metrics[key] - floor_value) / (ceiling - floor_value))
             else:
-                label = evaluation.IDENTITY_SCORES[key]
+                label = IDENTITY_SCORES[key]
                 assert math.isnan(metrics[f"{key}_norm"]) and any(label in w for w in metrics["identity_warnings"])
         assert "Identity between floor and ceiling" in (result.folder / "report.html").read_text()
     assert first.metrics["dino"] != pytest.approx(second.metrics["dino"])  # two runs, one floor
@@ -142,7 +142,7 @@ def test_the_floor_is_sampled_once_per_concept_and_shared_by_its_methods(spec_fo
 def test_the_ceiling_source_changes_when_its_photos_do(tmp_path):
     """An evaluation is reused with its ceiling only while the photos it came from are the same."""
     from personalize.config import ConceptSpec
-    from personalize.evaluation import ceiling_source
+    from personalize.identity import ceiling_source
     from tests.conftest import draw_concept
 
     holdout = draw_concept(tmp_path / "holdout", n=3)
