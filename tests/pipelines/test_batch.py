@@ -187,6 +187,7 @@ def test_every_run_failing_is_a_non_zero_exit(local_ray, tiny_model, tiny_scorer
 
 def test_a_failed_evaluation_is_reported_and_keeps_the_trained_runs(tracked, tmp_path, capsys):
     missing = tmp_path / "no-clip-here"
+    missing.mkdir()  # a folder (a missing one is refused before anything starts) that holds no CLIP model
     runs = tracked["store"] / "runs" / "ball"
     done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage")}
     assert main([tracked["config"], f"evaluation.clip={missing}", "tracking.enabled=false"]) == 0  # runs stand
