@@ -70,8 +70,8 @@ def evaluation_settings(setting: Setting, models: Path, **extra) -> dict:
 def test_time_rows(frame: pd.DataFrame, setting: Setting, models: Path) -> pd.DataFrame:
     """CoRe's runs evaluated again with its test-time optimisation (method `core+tto`), in this process; a finished
     evaluation is reused."""
-    from personalize.config import EvaluationSpec
     from personalize.evaluation import evaluate_run
+    from personalize.run_settings import EvaluationSpec
 
     settings = EvaluationSpec(**evaluation_settings(setting, models, tto=True))
     rows = []

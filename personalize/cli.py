@@ -103,10 +103,10 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def cmd_evaluate(args) -> int:
-    from personalize.config import EvaluationSpec
     from personalize.errors import ConfigError
     from personalize.evaluation import Scorers, evaluate_run
     from personalize.report import write_comparison
+    from personalize.run_settings import EvaluationSpec
 
     runs = find_runs(args.runs)
     if not runs:

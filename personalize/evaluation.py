@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from personalize.config import ConceptSpec, EvaluationSpec, RunSpec
 from personalize.identity import (
     IDENTITY_SCORES,
     IdentityBounds,
@@ -35,6 +34,7 @@ from personalize.identity import (
 from personalize.images import list_image_files, load_concept_images, load_masks
 from personalize.metrics import SCALE, ClipScorer, DinoScorer, apply_mask, pairwise_mean, per_row_mean
 from personalize.prompts import load_prompt_set
+from personalize.run_settings import ConceptSpec, EvaluationSpec, RunSpec
 from personalize.sampling import LoadedRun, generate, image_grid
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from personalize.config import ConceptSpec
 from personalize.images import list_image_files
+from personalize.run_settings import ConceptSpec
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from personalize.config import MethodSpec
+from personalize.method_spec import MethodSpec
 
 
 def _losses(stage) -> str:

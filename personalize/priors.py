@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from personalize.config import ClassPriorSpec
 from personalize.fingerprint import model_fingerprint
 from personalize.images import load_captioned_folder
+from personalize.method_spec import ClassPriorSpec
 
 MANIFEST = "manifest.json"
 

@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from personalize.config import RunSpec, StageSpec
 from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank, instance_bank, prior_bank
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
 from personalize.images import list_image_files, load_concept_images
 from personalize.losses import combined_needs
+from personalize.method_spec import StageSpec
 from personalize.models import SDComponents, load_components
 from personalize.params import SelectorError, select
 from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.record import Needs
+from personalize.run_settings import RunSpec
 from personalize.sampling import subject_phrase
 from personalize.tokens import Placeholders, add_placeholders, find_roles, single_token_id, tokenize, word_ids
 

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from personalize.config import StageSpec
+from personalize.method_spec import StageSpec
 
 LOSSES = "losses.csv"
 TIMINGS = "stages.json"

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from personalize import checkpoint as ckpt
 from personalize.attention import attention_hooks
-from personalize.config import RunSpec, StageSpec
 from personalize.data import generator
 from personalize.distributed import average_gradients, barrier, is_main, world
 from personalize.errors import RunStateError
 from personalize.losses import LOSS_TERMS, combined_needs
+from personalize.method_spec import StageSpec
 from personalize.params import select, set_trainable
 from personalize.run import RunContext
+from personalize.run_settings import RunSpec
 from personalize.step import StepEngine
 from personalize.tokens import placeholder_embedding
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from personalize.config import ConceptSpec, PlaceholderSpec
 from personalize.errors import ConceptError
+from personalize.method_spec import PlaceholderSpec
 from personalize.record import TokenRoles
+from personalize.run_settings import ConceptSpec
 
 log = logging.getLogger(__name__)
 

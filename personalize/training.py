@@ -7,8 +7,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalize.config import RunSpec
 from personalize.errors import ConceptError, PersonalizeError, RunStateError
+from personalize.run_settings import RunSpec
 from personalize.stages import run_method
 
 log = logging.getLogger(__name__)

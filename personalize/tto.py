@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from personalize.config import StageSpec, load_method
+from personalize.config import load_method
 from personalize.data import Batcher, LatentBank
 from personalize.errors import ConceptError
+from personalize.method_spec import StageSpec
 from personalize.run import RunContext, resolve_precision
 from personalize.sampling import LoadedRun
 from personalize.stages import NullSink, run_stage

@@ -6,14 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from personalize.config import (
-    ConceptSpec,
-    EvaluationSpec,
-    ExperimentConfig,
-    RunSpec,
-    SampleSpec,
     apply_overrides,
     available_methods,
     method_path,
@@ -25,11 +20,9 @@ from personalize.config import (
     validate,
 )
 from personalize.errors import ConfigError
+from personalize.method_spec import Strict
+from personalize.run_settings import ConceptRuns, EvaluationSpec, ExperimentConfig, RunSpec
 from pipelines.tracking import TrackingSpec
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ResourceSpec(Strict):
@@ -40,31 +33,22 @@ class ResourceSpec(Strict):
     data_actors: int = Field(default=1, ge=1)  # Ray Data actor pool size (latents, class priors, sampling, scoring)
 
 
-class BatchConfig(Strict):
+class BatchConfig(ConceptRuns):
+    """The concept x method grid of `personalize batch`: the shared run settings, plus per-method overrides,
+    storage, evaluation, resources and tracking."""
+
     name: str = "personalize-batch"  # the MLflow experiment and the Ray job's run names
-    model: str
     methods: list[str] = Field(min_length=1)
-    concepts: list[ConceptSpec] | str = Field(min_length=1)
     method_overrides: dict[str, dict[str, Any]] = {}  # per method: dotted overrides (stages.<name>.steps: 100)
     storage: str = "outputs/batch"  # a local folder or s3://bucket/prefix
-    seed: int = 0
-    resolution: int = Field(default=512, ge=16)
-    mixed_precision: str = "auto"
-    latent_variants: int = Field(default=16, ge=1)
-    checkpoint_every: int = Field(default=0, ge=0)
-    steps_scale: float = Field(default=1.0, gt=0)
-    samples: SampleSpec = SampleSpec()
     evaluation: EvaluationSpec | None = EvaluationSpec()
     resources: ResourceSpec = ResourceSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     def experiment(self, method: str, output_dir: str, cache_dir: str) -> ExperimentConfig:
         return ExperimentConfig(
-            model=self.model, method=method, concepts=self.concepts, output_dir=output_dir, seed=self.seed,
-            resolution=self.resolution, mixed_precision=self.mixed_precision, latent_variants=self.latent_variants,
-            checkpoint_every=self.checkpoint_every, steps_scale=self.steps_scale, samples=self.samples,
-            prior_cache_dir=f"{cache_dir}/class_priors", latent_cache_dir=f"{cache_dir}/latents",
-            overrides=self.method_overrides.get(method, {}),
+            **self.shared(), method=method, output_dir=output_dir, prior_cache_dir=f"{cache_dir}/class_priors",
+            latent_cache_dir=f"{cache_dir}/latents", overrides=self.method_overrides.get(method, {}),
         )
 
 

@@ -17,7 +17,6 @@ import pandas as pd
 import ray
 from PIL import Image
 
-from personalize.config import EvaluationSpec, RunSpec
 from personalize.evaluation import (
     EvalRow,
     RunEvaluation,
@@ -32,6 +31,7 @@ from personalize.evaluation import (
 )
 from personalize.identity import has_identity_bounds
 from personalize.run import resolve_device
+from personalize.run_settings import EvaluationSpec, RunSpec
 
 log = logging.getLogger(__name__)
 

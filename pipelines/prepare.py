@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import ray
 
-from personalize.config import RunSpec
 from personalize.errors import ConceptError
 from personalize.images import load_concept_images
+from personalize.run_settings import RunSpec
 from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _request_to_json(request) -> str:
 def _request_from_json(text: str):
     import json
 
-    from personalize.config import ClassPriorSpec
+    from personalize.method_spec import ClassPriorSpec
     from personalize.priors import PriorRequest
 
     d = json.loads(text)

@@ -18,8 +18,8 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from personalize.config import RunSpec
 from personalize.errors import ConceptError, ConfigError, RunStateError
+from personalize.run_settings import RunSpec
 from personalize.runlog import read_done
 from pipelines.redaction import redact
 

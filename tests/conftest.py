@@ -76,7 +76,8 @@ QUICK = {"steps": 2, "batch_size": 2, "grad_accum": 1}
 def quick_spec(method: str, model: Path, images: Path, out: Path, *, concept: dict | None = None,
                stage_overrides: dict | None = None, **experiment):
     """A RunSpec of `method` shortened for tests: every stage 2 steps at batch 2 (unless overridden)."""
-    from personalize.config import ConceptSpec, ExperimentConfig, load_method, resolve_runs
+    from personalize.config import load_method, resolve_runs
+    from personalize.run_settings import ConceptSpec, ExperimentConfig
 
     overrides = {}
     for stage in load_method(method).stages:

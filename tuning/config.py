@@ -6,17 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from personalize.config import EvaluationSpec, read_yaml, resolve_model, validate
+from personalize.config import read_yaml, resolve_model, validate
 from personalize.errors import ConfigError
+from personalize.method_spec import Strict
+from personalize.run_settings import EvaluationSpec
 from pipelines.config import BatchConfig, load_batch
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "qrandint")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SearchSpec(Strict):

@@ -13,7 +13,8 @@ import ray
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from personalize.config import EvaluationSpec, RunSpec, split_overrides
+from personalize.config import split_overrides
+from personalize.run_settings import EvaluationSpec, RunSpec
 
 log = logging.getLogger(__name__)
 TIMED_OUT = "TIMED_OUT"

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from personalize.cli import main
-from personalize.config import EvaluationSpec
 from personalize.evaluation import aggregate, clip_text, eval_rows
+from personalize.run_settings import EvaluationSpec
 from personalize.sampling import LoadedRun, generate
 from personalize.stages import run_method
 

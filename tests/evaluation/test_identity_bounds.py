@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import personalize.evaluation as evaluation
-from personalize.config import EvaluationSpec
 from personalize.evaluation import Scorers, evaluate_run, leave_one_out_mean
 from personalize.identity import (
     IDENTITY_SCORES,
@@ -21,6 +20,7 @@ from personalize.identity import (
 from personalize.images import load_concept_images
 from personalize.metrics import pairwise_mean
 from personalize.report import write_comparison
+from personalize.run_settings import EvaluationSpec
 from personalize.stages import run_method
 from tests.conftest import draw_concept
 
@@ -141,8 +141,8 @@ def test_the_floor_is_sampled_once_per_concept_and_shared_by_its_methods(spec_fo
 
 def test_the_ceiling_source_changes_when_its_photos_do(tmp_path):
     """An evaluation is reused with its ceiling only while the photos it came from are the same."""
-    from personalize.config import ConceptSpec
     from personalize.identity import ceiling_source
+    from personalize.run_settings import ConceptSpec
     from tests.conftest import draw_concept
 
     holdout = draw_concept(tmp_path / "holdout", n=3)

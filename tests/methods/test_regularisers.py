@@ -80,7 +80,7 @@ def test_disendiff_binding_raises_the_binding_iou(spec_for, tiny_model):
 
 
 def lock_stage():
-    from personalize.config import StageSpec
+    from personalize.method_spec import StageSpec
 
     return StageSpec(name="s", trainable=["placeholder"], steps=10, lr=1.0, losses={"diffusion": 1.0},
                      embedding_norm_lock={"start": 3, "end": 6})
@@ -138,7 +138,7 @@ def test_norm_lock_survives_a_resume_inside_its_window(spec_for, tiny_model, tmp
 
 
 def _lock(method):
-    from personalize.config import NormLockSpec
+    from personalize.method_spec import NormLockSpec
 
     first = method.stages[0].model_copy(update={"embedding_norm_lock": NormLockSpec(start=1, end=4)})
     return method.model_copy(update={"stages": [first] + list(method.stages[1:])})
@@ -178,8 +178,8 @@ def test_test_time_optimisation_works_on_other_methods_with_a_placeholder(spec_f
 
 
 def test_evaluation_with_test_time_optimisation_tunes_each_prompt_and_restores_the_embedding(spec_for, tiny_model):
-    from personalize.config import EvaluationSpec
     from personalize.evaluation import RunSampler, eval_rows, protocol, settings_key
+    from personalize.run_settings import EvaluationSpec
 
     spec = spec_for("core")
     run_method(spec, components=load_components(str(tiny_model)), progress=False)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from microworld.concepts import CONCEPTS, write_concepts
-from personalize.config import EvaluationSpec, ExperimentConfig, resolve_runs
+from personalize.config import resolve_runs
 from personalize.evaluation import evaluate_run
+from personalize.run_settings import EvaluationSpec, ExperimentConfig
 from personalize.stages import run_method
 
 ROOT = Path(__file__).resolve().parents[2]

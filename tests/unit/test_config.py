@@ -7,7 +7,6 @@ import yaml
 
 from personalize.config import (
     CONFIG_ROOT,
-    ExperimentConfig,
     available_methods,
     load_experiment,
     load_manifest,
@@ -18,6 +17,7 @@ from personalize.config import (
 )
 from personalize.errors import ConfigError
 from personalize.prompts import available_prompt_sets, load_prompt_set
+from personalize.run_settings import ExperimentConfig
 
 
 @pytest.mark.parametrize("name", available_methods())
@@ -180,7 +180,7 @@ def test_steps_scale_shortens_every_stage_and_the_norm_lock_window():
 def test_norm_lock_windows_in_steps_or_fractions():
     from pydantic import ValidationError
 
-    from personalize.config import NormLockSpec
+    from personalize.method_spec import NormLockSpec
 
     assert NormLockSpec(start=3, end=6).window(100) == (3, 6)
     assert NormLockSpec(start_fraction=0.4, end_fraction=0.6).window(10) == (4, 6)

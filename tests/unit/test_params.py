@@ -2,9 +2,10 @@
 
 import pytest
 
-from personalize.config import ConceptSpec, PlaceholderSpec
+from personalize.method_spec import PlaceholderSpec
 from personalize.models import clip_tokenizer, tiny_text_encoder, tiny_unet
 from personalize.params import SelectorError, select, set_trainable
+from personalize.run_settings import ConceptSpec
 from personalize.tokens import add_placeholders
 
 

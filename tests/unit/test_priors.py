@@ -2,7 +2,7 @@
 
 import json
 
-from personalize.config import ClassPriorSpec
+from personalize.method_spec import ClassPriorSpec
 from personalize.models import load_components
 from personalize.priors import class_prior_images
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from personalize.cli import main
-from personalize.config import ExperimentConfig, load_method, resolve_runs
+from personalize.config import load_method, resolve_runs
 from personalize.errors import ConfigError
+from personalize.run_settings import ExperimentConfig
 from personalize.scaling import SCALE_FILE, RecipeScale, load_recipe_scale
 
 WORLD_MODEL = Path(__file__).resolve().parents[2] / "models" / "microworld" / "model"

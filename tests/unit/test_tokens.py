@@ -5,9 +5,10 @@ import logging
 import pytest
 import torch
 
-from personalize.config import ConceptSpec, PlaceholderSpec
 from personalize.errors import ConceptError
+from personalize.method_spec import PlaceholderSpec
 from personalize.models import clip_tokenizer, tiny_text_encoder
+from personalize.run_settings import ConceptSpec
 from personalize.tokens import (
     PlaceholderEmbedding,
     add_placeholders,

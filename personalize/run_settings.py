@@ -1,0 +1,145 @@
+"""Run settings: the concepts, the sample grid, the evaluation, and the settings every run shares, which the
+experiment (one method), the batch (pipelines/config.py) and the resolved RunSpec extend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from personalize.method_spec import RECORD_ONLY, MethodSpec, Strict
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class EvaluationSpec(Strict):
+    """Evaluation of finished runs. Unset sampling fields follow the method's paper protocol."""
+
+    prompts: str = "dreambooth"  # a prompt set; "dreambooth" picks the object or live-subject list by concept kind
+    samples: int = Field(default=4, ge=1)  # images per prompt (seeds seed .. seed + samples - 1)
+    seed: int = 0
+    scheduler: Literal["ddim", "dpm"] | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = None
+    eta: float | None = None
+    text_mode: Literal["remove", "replace"] = "remove"  # CLIP-T prompt: placeholder removed, or subject -> class word
+    exclude_tags: list[str] = []  # prompts with these tags leave the identity metrics (CoRe: style, outfit)
+    tto: bool = False  # CoRe's test-time optimisation of the placeholder for each prompt before sampling it
+    clip: str = "ViT-B-32/openai"
+    dino: str = "facebook/dino-vits16"
+    batch_size: int = Field(default=8, ge=1)
+    # identity floor (base model asked for the class) and ceiling (real photos), for the normalised CLIP-I / DINO
+    floor_ceiling: bool = True
+
+
+class SubjectSpec(Strict):
+    super_category: str = Field(min_length=1)
+
+
+class ConceptSpec(Strict):
+    id: str
+    images: str
+    super_category: str | None = None
+    kind: Literal["object", "animate"] = "object"
+    subjects: list[SubjectSpec] | None = None
+    masks: str | None = None
+    holdout: str | None = None  # photos of the subject kept out of training: the identity ceiling
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        if not SAFE_ID.match(v):
+            raise ValueError(
+                f"concept id {v!r} is unsafe: use only letters, digits, '-' and '_' (it names folders and runs)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _subjects(self) -> ConceptSpec:
+        if self.subjects is None:
+            if not self.super_category:
+                raise ValueError("give super_category (one subject) or subjects (several subjects in one image)")
+            self.subjects = [SubjectSpec(super_category=self.super_category)]
+        elif self.super_category is None:
+            self.super_category = self.subjects[0].super_category
+        return self
+
+
+class SampleSpec(Strict):
+    """The small sample grid written with every run."""
+
+    prompts: list[str] = ["a photo of a {subject}", "a {subject} on the beach"]
+    seeds: list[int] = [0, 1]
+    steps: int = Field(default=25, ge=1)
+    guidance_scale: float = 7.5
+    scheduler: Literal["ddim", "dpm"] = "ddim"
+    heatmaps: bool = True  # attention heat maps of the subject tokens after every stage
+    every_stage: bool = True  # also a grid after every stage (samples/stage-<i>-<name>.png), not only at the end
+
+
+class RunSettings(Strict):
+    """What every run is trained with, whether it comes from an experiment, a batch or a sweep's trial."""
+
+    model: str
+    seed: int = 0
+    resolution: int = Field(default=512, ge=16)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    checkpoint_every: int = Field(default=0, ge=0)
+    latent_variants: int = Field(default=16, ge=1)  # augmented copies of each photo, encoded once (see data.py)
+    samples: SampleSpec = SampleSpec()
+
+
+class ConceptRuns(RunSettings):
+    """Run settings for a list of concepts (inline, or a manifest file) at a common length scale."""
+
+    concepts: list[ConceptSpec] | str = Field(min_length=1)
+    steps_scale: float = Field(default=1.0, gt=0)
+
+    def shared(self) -> dict[str, Any]:
+        """The fields every ConceptRuns holds, as keyword arguments for another one (a batch's experiment)."""
+        return {name: getattr(self, name) for name in ConceptRuns.model_fields}
+
+
+class ExperimentConfig(ConceptRuns):
+    """One method on a list of concepts (`personalize train`)."""
+
+    method: str
+    output_dir: str = "outputs"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    prior_cache_dir: str | None = None
+    latent_cache_dir: str | None = None  # reuse encoded instance latents across runs and batches
+    overrides: dict[str, Any] = {}
+
+
+class RunSpec(RunSettings):
+    """Everything one (concept, method) run needs, fully resolved."""
+
+    method: MethodSpec
+    concept: ConceptSpec
+    output_dir: str
+    device: str
+    gradient_checkpointing: bool
+    prior_cache_dir: str | None
+    latent_cache_dir: str | None = None
+    # the weights' content when `model` is a local folder: part of the config hash, so that a model retrained or
+    # replaced at the same path never passes for the one a finished run was trained on
+    model_fingerprint: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.concept.id / self.method.name
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the learned result (not where it is written or on what device)."""
+        payload = self.model_dump(mode="json", exclude={
+            "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
+            "checkpoint_every": True, "gradient_checkpointing": True,
+            "method": {"evaluation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
+                       "test_time": RECORD_ONLY},
+            "concept": {"holdout": True}})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
