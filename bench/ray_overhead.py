@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4, help="runs in the scaling measurement")
     parser.add_argument("--steps", type=int, default=60, help="Textual Inversion steps per run")
     args = parser.parse_args()
-    cli = [sys.executable, "-m", "personalize.cli"]
+    cli = [sys.executable, "-m", "cluster.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(tmp / "model")

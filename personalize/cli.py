@@ -1,31 +1,17 @@
-"""The `personalize` command line."""
+"""The `personalize` command line's own subcommands (train, sample, evaluate, methods, ...); the Ray ones
+(batch, sweep, stack, demo) are added by cluster/cli.py."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from personalize.errors import PersonalizeError
 
-
-def _batch(argv: list[str]) -> int:
-    from pipelines.batch import main as batch_main
-
-    return batch_main(argv)
-
-
-def _sweep(argv: list[str]) -> int:
-    from tuning.sweep import main as sweep_main
-
-    return sweep_main(argv)
-
-
-def _stack(argv: list[str]) -> int:
-    from pipelines.stack import main as stack_main
-
-    return stack_main(argv)
+Commands = dict[str, tuple[str, Callable[[list[str]], int]]]
 
 
 def cmd_tiny_model(args) -> int:
@@ -116,7 +102,7 @@ def cmd_evaluate(args) -> int:
         "steps": args.steps, "guidance_scale": args.guidance, "text_mode": args.text_mode,
         "exclude_tags": args.exclude_tags, "clip": args.clip, "dino": args.dino, "tto": args.tto}.items() if v is not None}
     settings = EvaluationSpec(**fields)
-    from personalize.run import resolve_device
+    from personalize.devices import resolve_device
 
     device = resolve_device(args.device)
     scorers = Scorers(settings.clip, settings.dino, str(device))
@@ -134,31 +120,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from pipelines.demo import main as demo_main
-
-    return demo_main(args.output, args.overrides)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description="Staged text-to-image personalization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("batch", help="the concept x method grid on Ray: prepare, train, evaluate, results table",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: _batch(args.rest))
-
-    p = sub.add_parser("sweep", help="Ray Tune over stage lengths, learning rates and loss weights of one method",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: _sweep(args.rest))
-
-    p = sub.add_parser("stack", help="the local stack on 127.0.0.1: SeaweedFS (S3), MLflow server, Ray head",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: _stack(args.rest))
+    for name, (help_text, run) in (commands or {}).items():  # they parse their own arguments, --help included
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, run=run: run(args.rest))
 
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion pipeline (diffusers format)")
     p.add_argument("directory")
@@ -213,11 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.set_defaults(func=cmd_draw_concepts)
 
-    p = sub.add_parser("demo", help="the demo batch on the micro world: draw concepts, train three methods on Ray, "
-                                    "evaluate, print the results table")
-    p.add_argument("--output", default="outputs/demo")
-    p.add_argument("overrides", nargs="*", help="batch overrides, e.g. methods=[core] steps_scale=0.5")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -232,14 +197,13 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-RAY_COMMANDS = {"batch": _batch, "sweep": _sweep, "stack": _stack}
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: Commands | None = None) -> int:
+    """The science subcommands, plus `commands` (name -> (help, run(argv))) that a layer above adds: the command
+    line's Ray subcommands come from cluster/cli.py, so that this package imports nothing above it."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in RAY_COMMANDS:  # their own parsers, --help included
-        return RAY_COMMANDS[argv[0]](argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] in (commands or {}):
+        return commands[argv[0]][1](argv[1:])
+    args = build_parser(commands).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for ours in ("personalize", "pipelines", "tuning"):
         logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)

@@ -15,11 +15,10 @@ from pydantic import BaseModel, ValidationError
 
 from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
+from personalize.locations import CONFIG_ROOT
 from personalize.method_spec import MethodSpec, NormLockSpec, StageSpec
 from personalize.run_settings import ConceptSpec, ExperimentConfig, RunSpec
 from personalize.scaling import RecipeScale, load_recipe_scale, scale_recipe
-
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
 def format_validation_error(error: ValidationError, data: Any) -> list[str]:

@@ -380,7 +380,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
 def add_identity_bounds(done: RunEvaluation, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers | None,
                         device: str, progress: bool) -> RunEvaluation:
     """A finished evaluation rewritten with the identity floor and ceiling, from its stored images and scores."""
-    from personalize.run import resolve_device
+    from personalize.devices import resolve_device
 
     torch_device = resolve_device(device)
     scorers = scorers or scorers_on(settings, torch_device)

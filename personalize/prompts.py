@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from personalize.config import CONFIG_ROOT
 from personalize.errors import ConfigError
+from personalize.locations import CONFIG_ROOT
 
 TAGS = {"background", "colour", "style", "outfit", "action", "material", "attribute"}
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank, instance_bank, prior_bank
+from personalize.devices import resolve_device, resolve_precision
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
 from personalize.images import list_image_files, load_concept_images
@@ -48,21 +49,6 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return self.spec.run_dir
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. 'auto' is bf16 on a GPU that has it, fp32 on the CPU."""
-    if mixed_precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
 def all_stages(spec: RunSpec) -> list[StageSpec]:

@@ -120,10 +120,10 @@ class LoadedRun:
         import json
         from pathlib import Path
 
+        from personalize.devices import resolve_device
         from personalize.errors import RunStateError
         from personalize.export import PLACEHOLDERS, load_embeddings, load_unet_weights
         from personalize.models import load_components
-        from personalize.run import resolve_device
         from personalize.run_settings import RunSpec
         from personalize.tokens import add_placeholders, restore_rows
 

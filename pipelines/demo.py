@@ -3,16 +3,26 @@ local MLflow under ./mlruns): three methods trained, sampled in new scenes, scor
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from microworld.concepts import CONCEPTS, write_concepts
-from personalize.config import CONFIG_ROOT
+from personalize.locations import CONFIG_ROOT
 from pipelines.batch import main as batch_main
 
 
-def main(output: str = "outputs/demo", extra: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personalize demo", description=__doc__)
+    parser.add_argument("--output", default="outputs/demo")
+    parser.add_argument("overrides", nargs="*", help="batch overrides, e.g. methods=[core] steps_scale=0.5")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = args.output
     concepts = write_concepts(Path(output) / "concepts", (CONCEPTS[0], CONCEPTS[5]))
-    overrides = [f"concepts={concepts.resolve()}", f"storage={Path(output).resolve()}", *(extra or [])]
+    overrides = [f"concepts={concepts.resolve()}", f"storage={Path(output).resolve()}", *args.overrides]
     code = batch_main([str(CONFIG_ROOT / "batch" / "demo.yaml"), *overrides])
     if code == 0:
         print(f"\nsamples and reports under {output}/runs/<concept>/<method>/ (eval/*/report.html); compare the runs in "

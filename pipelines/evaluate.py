@@ -17,6 +17,7 @@ import pandas as pd
 import ray
 from PIL import Image
 
+from personalize.devices import resolve_device
 from personalize.evaluation import (
     EvalRow,
     RunEvaluation,
@@ -30,7 +31,6 @@ from personalize.evaluation import (
     write_evaluation,
 )
 from personalize.identity import has_identity_bounds
-from personalize.run import resolve_device
 from personalize.run_settings import EvaluationSpec, RunSpec
 
 log = logging.getLogger(__name__)

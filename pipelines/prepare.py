@@ -43,8 +43,8 @@ class LatentEncoder:
     """Actor: the base model's VAE loaded once; encodes each run's augmented instance images into the cache."""
 
     def __init__(self, model: str, device: str = "auto"):
+        from personalize.devices import resolve_device
         from personalize.models import load_components
-        from personalize.run import resolve_device
 
         self.components = load_components(model)
         self.device = resolve_device(device)
@@ -76,8 +76,8 @@ class PriorGenerator:
     """Actor: the base pipeline loaded once; generates chunks of class-prior images into their parts folders."""
 
     def __init__(self, model: str, device: str = "auto"):
+        from personalize.devices import resolve_device
         from personalize.models import load_components
-        from personalize.run import resolve_device
 
         self.components = load_components(model)
         device = resolve_device(device)

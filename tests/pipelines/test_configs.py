@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from personalize.config import CONFIG_ROOT
+from personalize.locations import CONFIG_ROOT
 from pipelines.config import load_batch
 from tuning.config import load_sweep
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from personalize.cli import main
+from cluster.cli import main
 
 
 @pytest.mark.parametrize(("command", "usage"), [

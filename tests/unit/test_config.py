@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from personalize.config import (
-    CONFIG_ROOT,
     available_methods,
     load_experiment,
     load_manifest,
@@ -16,6 +15,7 @@ from personalize.config import (
     validate,
 )
 from personalize.errors import ConfigError
+from personalize.locations import CONFIG_ROOT
 from personalize.prompts import available_prompt_sets, load_prompt_set
 from personalize.run_settings import ExperimentConfig
 
