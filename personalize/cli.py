@@ -77,26 +77,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def find_runs(paths: list[str]) -> list[Path]:
-    """Finished run folders: given directly, or found below the given folders."""
-    runs = []
-    for p in map(Path, paths):
-        if (p / "DONE.json").is_file():
-            runs.append(p)
-        elif p.is_dir():
-            runs += sorted(d.parent for d in p.rglob("DONE.json") if "eval" not in d.parent.parts)
-    return list(dict.fromkeys(runs))
-
-
 def cmd_evaluate(args) -> int:
     from personalize.errors import ConfigError
     from personalize.evaluation import Scorers, evaluate_run
     from personalize.report import write_comparison
+    from personalize.run_folder import DONE, find_finished
     from personalize.run_settings import EvaluationSpec
 
-    runs = find_runs(args.runs)
+    runs = find_finished(args.runs)
     if not runs:
-        raise ConfigError("command line", [f"no finished runs (folders with DONE.json) in {args.runs}"])
+        raise ConfigError("command line", [f"no finished runs (folders with {DONE}) in {args.runs}"])
     fields = {k: v for k, v in {
         "prompts": args.prompts, "samples": args.samples, "seed": args.seed, "scheduler": args.scheduler,
         "steps": args.steps, "guidance_scale": args.guidance, "text_mode": args.text_mode,

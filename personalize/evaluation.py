@@ -298,12 +298,9 @@ class RunEvaluation:
 
 
 def read_spec(run_dir: str | Path) -> RunSpec:
-    path = Path(run_dir) / "config.resolved.json"
-    if not (Path(run_dir) / "DONE.json").is_file() or not path.is_file():
-        from personalize.errors import RunStateError
+    from personalize.run_folder import finished_spec
 
-        raise RunStateError(f"{run_dir} is not a finished run (no DONE.json); train it first or pass a run folder")
-    return RunSpec.model_validate_json(path.read_text())
+    return finished_spec(run_dir)
 
 
 def evaluation_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path:

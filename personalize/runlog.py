@@ -1,17 +1,15 @@
-"""A run's own records on disk: per-step losses, stage timings, the done marker."""
+"""A run's own records on disk: per-step losses and stage timings."""
 
 from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 from personalize.method_spec import StageSpec
 
 LOSSES = "losses.csv"
 TIMINGS = "stages.json"
-DONE = "DONE.json"
 
 
 class FileSink:
@@ -66,15 +64,3 @@ def read_losses(run_dir: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         return [{"step": int(r["step"]), "metric": r["metric"], "value": float(r["value"])} for r in csv.DictReader(f)]
-
-
-def read_done(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / DONE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_done(run_dir: Path, config_hash: str, outputs: list[str]) -> None:
-    tmp = Path(run_dir) / (DONE + ".tmp")
-    tmp.write_text(json.dumps({"config_hash": config_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "stages": read_timings(run_dir), "outputs": outputs}, indent=1))
-    tmp.rename(Path(run_dir) / DONE)

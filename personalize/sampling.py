@@ -124,13 +124,11 @@ class LoadedRun:
         from personalize.errors import RunStateError
         from personalize.export import PLACEHOLDERS, load_embeddings, load_unet_weights
         from personalize.models import load_components
-        from personalize.run_settings import RunSpec
+        from personalize.run_folder import finished_spec
         from personalize.tokens import add_placeholders, restore_rows
 
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "DONE.json").is_file():
-            raise RunStateError(f"{self.run_dir} is not a finished run (no DONE.json); train it first or pass a run folder")
-        self.spec = RunSpec.model_validate_json((self.run_dir / "config.resolved.json").read_text())
+        self.spec = finished_spec(self.run_dir)
         self.components = components or load_components(self.spec.model)
         comps = self.components
         self.placeholders = add_placeholders(comps.tokenizer, comps.text_encoder, self.spec.method.placeholder, self.spec.concept)

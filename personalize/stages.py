@@ -269,27 +269,26 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
                on_stage_end=None, resume: bool = True) -> RunResult:
     """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
     part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten)."""
-    from personalize import export, runlog
+    from personalize import export, run_folder, runlog
     from personalize.heatmaps import write_stage_heatmaps
     from personalize.run import prepare_run
     from personalize.sampling import write_sample_grid
 
     run_dir = spec.run_dir
     config_hash = spec.config_hash()
-    done = runlog.read_done(run_dir)
+    done = run_folder.read_done(run_dir)
     if done is not None:
-        _check_owner(run_dir, done["config_hash"], config_hash)
+        run_folder.check_owner(run_dir, done["config_hash"], config_hash)
         return RunResult(run_dir, "skipped", [], done.get("outputs", []))
     checkpoint = ckpt.latest(run_dir)
     if checkpoint is not None:
-        _check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
+        run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
         if not resume:
             raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
     ctx = prepare_run(spec, components, progress)
     main = is_main()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.resolved.json").write_text(spec.model_dump_json(indent=1))
+        run_folder.write_resolved_config(spec)
     stages = spec.method.stages
     offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
     start_stage, first_step = 0, None
@@ -323,31 +322,8 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     outputs = _write_outputs(ctx, export)
     write_sample_grid(ctx, run_dir / "samples.png")
     outputs.append("samples.png")
-    runlog.write_done(run_dir, config_hash, outputs)
+    run_folder.write_done(run_dir, config_hash, outputs)
     return RunResult(run_dir, "finished", results, outputs)
-
-
-def folder_owner(run_dir: Path) -> str | None:
-    """The config hash of the run a folder holds, finished or part-way; None for a folder with no run in it."""
-    from personalize.runlog import read_done
-
-    done = read_done(run_dir)
-    if done is not None:
-        return done["config_hash"]
-    found = ckpt.latest_cursor(Path(run_dir))
-    return found[0].config_hash if found else None
-
-
-def other_configuration(location: str | Path, found: str, expected: str) -> RunStateError:
-    return RunStateError(
-        f"{location} holds a run of a different configuration (hash {found}, this one {expected}); "
-        "finished or partial work is never overwritten: choose another output_dir or storage, or remove that folder"
-    )
-
-
-def _check_owner(run_dir: Path, found: str, expected: str) -> None:
-    if found != expected:
-        raise other_configuration(run_dir, found, expected)
 
 
 def _write_outputs(ctx: RunContext, export) -> list[str]:

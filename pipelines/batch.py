@@ -20,6 +20,7 @@ from pathlib import Path
 
 from personalize.errors import ModelUnavailableError, PersonalizeError
 from personalize.evaluation import FLOOR_FOLDER
+from personalize.run_folder import DONE
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
 from pipelines.config import BatchConfig, load_batch, resolve_batch, split_manifest
 from pipelines.preflight import check_batch_resources
@@ -108,7 +109,7 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
 
         write_comparison(list(evaluations.values()), root.local("results", "comparison"))
     for spec in usable:  # evaluations land in the run folders
-        root.push(root.relative(spec.run_dir), marker="DONE.json")
+        root.push(root.relative(spec.run_dir), marker=DONE)
     for concept_dir in {spec.run_dir.parent for spec in usable}:  # each concept's identity floor, shared by its methods
         if (concept_dir / FLOOR_FOLDER).is_dir():
             root.push(root.relative(concept_dir / FLOOR_FOLDER))

@@ -56,7 +56,7 @@ class SampleRun:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from personalize.evaluation import RunSampler
-        from personalize.runlog import DONE
+        from personalize.run_folder import DONE
         from pipelines.storage import StorageRoot
 
         out = []

@@ -17,7 +17,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-LEARNED_FILES = ("DONE.json", "config.resolved.json", "placeholders.json", "learned_embeds.safetensors", "unet.safetensors")
+from personalize.run_folder import DONE, RESOLVED_CONFIG
+
+LEARNED_FILES = (DONE, RESOLVED_CONFIG, "placeholders.json", "learned_embeds.safetensors", "unet.safetensors")
 
 
 class PersonalizedModel(mlflow.pyfunc.PythonModel):

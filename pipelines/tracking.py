@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from personalize import __version__
+from personalize.run_folder import RESOLVED_CONFIG
 from pipelines.redaction import SECRET_KEY, redact
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class RunTracker:
 
     def finish(self, run_dir: Path, status: str, reason: str = "") -> None:
         self.flush()
-        for pattern, folder in (("*.safetensors", "learned"), ("config.resolved.json", "config"), ("losses.csv", "logs"),
+        for pattern, folder in (("*.safetensors", "learned"), (RESOLVED_CONFIG, "config"), ("losses.csv", "logs"),
                                 ("samples.png", "samples"), ("placeholders.json", "learned")):
             for path in Path(run_dir).glob(pattern):
                 if path.name != "instance_latents.safetensors":

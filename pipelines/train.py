@@ -7,7 +7,6 @@ not retried; a finished run (DONE.json with the same config hash) is never start
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -19,12 +18,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from personalize.errors import ConceptError, ConfigError, RunStateError
+from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds, write_failed
 from personalize.run_settings import RunSpec
-from personalize.runlog import read_done
 from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
-FAILED = "FAILED.json"
 
 
 class RaySink:
@@ -63,7 +61,7 @@ def restore_from_ray(spec: RunSpec) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from personalize.runlog import DONE
+    from personalize.run_folder import DONE
     from personalize.stages import run_method
     from pipelines.storage import StorageRoot
 
@@ -84,8 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
             sink.finish(spec.run_dir, "FINISHED")
     except (ConceptError, ConfigError, RunStateError) as e:  # bad input: fail this run, never retry it
         if rank == 0:
-            spec.run_dir.mkdir(parents=True, exist_ok=True)
-            (spec.run_dir / FAILED).write_text(json.dumps({"reason": str(e), "config_hash": spec.config_hash()}))
+            write_failed(spec.run_dir, str(e), spec.config_hash())
             root.push_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # the driver may be on another node
             if sink is not None:
                 sink.finish(spec.run_dir, "FAILED", str(e))
@@ -128,18 +125,13 @@ def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: di
         return f"{type(e).__name__}: {e}"
 
 
-def stage_seconds(done: dict) -> dict[str, float]:
-    """Stage name -> seconds, from a run's DONE.json."""
-    return {name: timing["seconds"] for name, timing in done.get("stages", {}).items()}
-
-
 def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome:
     done = read_done(spec.run_dir)
     if done is not None and done["config_hash"] == spec.config_hash():
         return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stage_seconds(done))
-    failed = spec.run_dir / FAILED
-    if failed.is_file():
-        return TrainOutcome(spec, "failed", json.loads(failed.read_text())["reason"], seconds)
+    reason = failure_reason(spec.run_dir)
+    if reason is not None:
+        return TrainOutcome(spec, "failed", reason, seconds)
     return TrainOutcome(spec, "failed", error or "training ended without finishing", seconds)
 
 
@@ -150,20 +142,19 @@ def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
     With an s3 root the bucket is the record and the local folder a cache of it: a finished run is pulled from the
     bucket; a local copy the bucket does not hold is pushed when it is this configuration's finished run (its upload
     was cut short) and discarded when it belongs to another configuration (left over from another bucket's life)."""
-    from personalize.runlog import DONE
-    from personalize.stages import folder_owner, other_configuration
+    from personalize.run_folder import DONE, other_configuration, owner
 
     expected = spec.config_hash()
     if root.remote and not root.pull(root.relative(spec.run_dir), marker=DONE):
-        owner = folder_owner(spec.run_dir)
-        if owner == expected and read_done(spec.run_dir) is not None:
+        holder = owner(spec.run_dir)
+        if holder == expected and read_done(spec.run_dir) is not None:
             root.push(root.relative(spec.run_dir), marker=DONE)
-        elif owner is not None and owner != expected:
+        elif holder is not None and holder != expected:
             log.info("discarding %s: a cached run of another configuration that %s does not hold", spec.run_dir, root.uri())
             shutil.rmtree(spec.run_dir)
-    owner = folder_owner(spec.run_dir)
-    if owner is not None and owner != expected:
-        return TrainOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), owner, expected)))
+    holder = owner(spec.run_dir)
+    if holder is not None and holder != expected:
+        return TrainOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder, expected)))
     done = read_done(spec.run_dir)
     if done is not None:
         return TrainOutcome(spec, "skipped", "already finished", 0.0, stage_seconds(done))
@@ -174,7 +165,7 @@ def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
 def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
                env: dict, tracking: dict | None = None) -> list[TrainOutcome]:
     """Train every run, at most `concurrency` at a time; runs settled by an earlier submission start nothing."""
-    from personalize.runlog import DONE
+    from personalize.run_folder import DONE
     from pipelines.storage import StorageRoot
 
     root = StorageRoot(storage)
