@@ -25,6 +25,7 @@ from personalize.distributed import average_gradients, barrier, is_main, world
 from personalize.errors import RunStateError
 from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.method_spec import StageSpec
+from personalize.outcome import RunOutcome
 from personalize.params import select, set_trainable
 from personalize.run import RunContext
 from personalize.run_settings import RunSpec
@@ -257,18 +258,11 @@ def learned_state(ctx: RunContext, upto: int) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in select(ctx.models, selectors).items()}
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    status: str  # finished | skipped
-    stages: list[StageResult]
-    outputs: list[str]
-
-
 def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progress: bool = True,
-               on_stage_end=None, resume: bool = True) -> RunResult:
+               on_stage_end=None, resume: bool = True) -> RunOutcome:
     """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
-    part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten)."""
+    part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten).
+    `on_stage_end(ctx, index, stage)` runs after each stage's checkpoint, before the sink hears of the stage."""
     from personalize import export, run_folder, runlog
     from personalize.heatmaps import write_stage_heatmaps
     from personalize.run import prepare_run
@@ -279,7 +273,8 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     done = run_folder.read_done(run_dir)
     if done is not None:
         run_folder.check_owner(run_dir, done["config_hash"], config_hash)
-        return RunResult(run_dir, "skipped", [], done.get("outputs", []))
+        return RunOutcome(spec, "skipped", "already finished", stage_seconds=run_folder.stage_seconds(done),
+                          outputs=done.get("outputs", []))
     checkpoint = ckpt.latest(run_dir)
     if checkpoint is not None:
         run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
@@ -307,7 +302,6 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
             ckpt.save(path, ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
             ckpt.discard_latest(run_dir)
         barrier()
-        sink.stage_finished(index, stage, path, result.seconds)
         if spec.samples.heatmaps and main:
             write_stage_heatmaps(ctx, index, stage.name)
         if spec.samples.every_stage and main and index < len(stages) - 1:  # the last one is samples.png
@@ -315,15 +309,19 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
             write_sample_grid(ctx, run_dir / "samples" / f"stage-{index:02d}-{stage.name}.png")
         if on_stage_end is not None:
             on_stage_end(ctx, index, stage)
+        sink.stage_finished(index, stage, path, result.seconds)
         results.append(result)
 
+    finished = RunOutcome(spec, "finished", seconds=round(sum(r.seconds for r in results), 2),
+                          stage_seconds={r.name: round(r.seconds, 2) for r in results},
+                          last_losses=results[-1].last_losses if results else {})
     if not main:
-        return RunResult(run_dir, "finished", results, [])
-    outputs = _write_outputs(ctx, export)
+        return finished
+    finished.outputs = _write_outputs(ctx, export)
     write_sample_grid(ctx, run_dir / "samples.png")
-    outputs.append("samples.png")
-    run_folder.write_done(run_dir, config_hash, outputs)
-    return RunResult(run_dir, "finished", results, outputs)
+    finished.outputs.append("samples.png")
+    run_folder.write_done(run_dir, config_hash, finished.outputs)
+    return finished
 
 
 def _write_outputs(ctx: RunContext, export) -> list[str]:

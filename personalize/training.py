@@ -4,43 +4,27 @@ from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from personalize.errors import ConceptError, PersonalizeError, RunStateError
+from personalize.outcome import RunOutcome
 from personalize.run_settings import RunSpec
 from personalize.stages import run_method
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunOutcome:
-    concept: str
-    method: str
-    status: str  # finished | skipped | failed
-    run_dir: Path
-    reason: str = ""
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    last_losses: dict[str, float] = field(default_factory=dict)
-
-
 def train_one(spec: RunSpec, resume: bool = True, sink=None, progress: bool = True) -> RunOutcome:
-    base = dict(concept=spec.concept.id, method=spec.method.name, run_dir=spec.run_dir)
     try:
-        result = run_method(spec, sink=sink, progress=progress, resume=resume)
+        return run_method(spec, sink=sink, progress=progress, resume=resume)
     except (ConceptError, RunStateError) as e:
         log.error("%s", e)
-        return RunOutcome(status="failed", reason=str(e), **base)
+        return RunOutcome(spec, "failed", str(e))
     except PersonalizeError as e:
         log.error("concept '%s', method %s: %s", spec.concept.id, spec.method.name, e)
-        return RunOutcome(status="failed", reason=str(e), **base)
+        return RunOutcome(spec, "failed", str(e))
     except Exception as e:  # a crash in one run must not take the others down
         log.error("concept '%s', method %s crashed:\n%s", spec.concept.id, spec.method.name, traceback.format_exc())
-        return RunOutcome(status="failed", reason=f"{type(e).__name__}: {e}", **base)
-    seconds = {r.name: round(r.seconds, 2) for r in result.stages}
-    last = result.stages[-1].last_losses if result.stages else {}
-    return RunOutcome(status=result.status, stage_seconds=seconds, last_losses=last, **base)
+        return RunOutcome(spec, "failed", f"{type(e).__name__}: {e}")
 
 
 def train_all(runs: list[RunSpec], resume: bool = False) -> list[RunOutcome]:

@@ -1,4 +1,4 @@
-"""Ray Train wiring: one TorchTrainer per (concept, method) run around `personalize.stages.run_method`.
+"""A batch on Ray Train: one TorchTrainer per (concept, method) run, around the shared worker entry (pipelines/worker.py).
 
 Every stage end is reported as a Ray checkpoint under a stable run name, so a restarted worker (FailureConfig)
 or a resubmitted batch resumes from the last stage checkpoint. Bad input fails the run with its reason and is
@@ -10,95 +10,22 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from personalize.errors import ConceptError, ConfigError, RunStateError
-from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds, write_failed
+from personalize.outcome import RunOutcome
+from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds
 from personalize.run_settings import RunSpec
 from pipelines.redaction import redact
+from pipelines.worker import WorkerTask, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
-class RaySink:
-    """Reports each stage end to Ray Train with its checkpoint (from rank 0). Step losses go only to the run's
-    losses.csv and the tracker: a Ray Train report waits for every worker and the controller (about 2 s on a
-    CPU node), so one per step made a tiny run ten times slower than the same run in-process."""
-
-    def __init__(self, extra_sink=None):
-        self.extra = extra_sink
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.extra is not None:
-            self.extra.log_metrics(metrics, step)
-
-    def stage_finished(self, index: int, stage, checkpoint: Path, seconds: float) -> None:
-        metrics = {"stage_index": index, f"stage_seconds/{stage.name}": seconds}
-        if ray.train.get_context().get_world_rank() == 0:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)),
-                             checkpoint_dir_name=checkpoint.name)
-        else:
-            ray.train.report(metrics)
-        if self.extra is not None:
-            self.extra.stage_finished(index, stage, checkpoint, seconds)
-
-
-def restore_from_ray(spec: RunSpec) -> None:
-    """After a worker restart, put the last reported stage checkpoint back into the run folder if it is missing."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as source:
-        target = spec.run_dir / "checkpoints" / Path(source).name
-        if not (target / "cursor.json").is_file():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-            log.info("restored %s from the Ray checkpoint", target)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    from personalize.run_folder import DONE
-    from personalize.stages import run_method
-    from pipelines.storage import StorageRoot
-
-    spec = RunSpec.model_validate_json(config["spec"])
-    root = StorageRoot(config["storage"])
-    rank = ray.train.get_context().get_world_rank()
-    restore_from_ray(spec)
-    sink = None
-    if config.get("tracking"):
-        from pipelines.tracking import RunTracker
-
-        sink = RunTracker.for_worker(config["tracking"], spec)
-    try:
-        run_method(spec, sink=RaySink(sink), progress=False, resume=True)
-        if rank == 0:
-            root.push(root.relative(spec.run_dir), marker=DONE)  # an s3 root gets the finished folder, marker last
-        if sink is not None:
-            sink.finish(spec.run_dir, "FINISHED")
-    except (ConceptError, ConfigError, RunStateError) as e:  # bad input: fail this run, never retry it
-        if rank == 0:
-            write_failed(spec.run_dir, str(e), spec.config_hash())
-            root.push_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # the driver may be on another node
-            if sink is not None:
-                sink.finish(spec.run_dir, "FAILED", str(e))
-
-
 def run_name(spec: RunSpec) -> str:
     return f"{spec.concept.id}--{spec.method.name}--{spec.config_hash()}"
-
-
-@dataclass
-class TrainOutcome:
-    spec: RunSpec
-    status: str  # finished | skipped | failed
-    reason: str = ""
-    seconds: float = 0.0
-    stage_seconds: dict = field(default_factory=dict)
 
 
 @ray.remote(num_cpus=0.1, max_retries=0)
@@ -107,9 +34,10 @@ def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: di
 
     spec = RunSpec.model_validate_json(spec_json)
     storage_path, filesystem = StorageRoot(storage).ray_storage()
+    task = WorkerTask(specs=[spec], storage=storage, tracking=tracking)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec_json, "tracking": tracking, "storage": storage},
+        train_loop_config={"task": task.model_dump_json()},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=run_name(spec), storage_path=storage_path, storage_filesystem=filesystem,
@@ -125,17 +53,17 @@ def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: di
         return f"{type(e).__name__}: {e}"
 
 
-def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> TrainOutcome:
+def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> RunOutcome:
     done = read_done(spec.run_dir)
     if done is not None and done["config_hash"] == spec.config_hash():
-        return TrainOutcome(spec, "finished", seconds=seconds, stage_seconds=stage_seconds(done))
+        return RunOutcome(spec, "finished", seconds=seconds, stage_seconds=stage_seconds(done))
     reason = failure_reason(spec.run_dir)
     if reason is not None:
-        return TrainOutcome(spec, "failed", reason, seconds)
-    return TrainOutcome(spec, "failed", error or "training ended without finishing", seconds)
+        return RunOutcome(spec, "failed", reason, seconds)
+    return RunOutcome(spec, "failed", error or "training ended without finishing", seconds)
 
 
-def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
+def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
     """What an earlier submission settled for this run: skipped when it finished with this configuration, failed
     (nothing started, nothing overwritten) when its folder holds another configuration's run; None to train it.
 
@@ -154,16 +82,16 @@ def earlier_outcome(spec: RunSpec, root) -> TrainOutcome | None:
             shutil.rmtree(spec.run_dir)
     holder = owner(spec.run_dir)
     if holder is not None and holder != expected:
-        return TrainOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder, expected)))
+        return RunOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder, expected)))
     done = read_done(spec.run_dir)
     if done is not None:
-        return TrainOutcome(spec, "skipped", "already finished", 0.0, stage_seconds(done))
+        return RunOutcome(spec, "skipped", "already finished", 0.0, stage_seconds(done))
     root.remove_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # a resubmission retries runs that failed before
     return None
 
 
 def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
-               env: dict, tracking: dict | None = None) -> list[TrainOutcome]:
+               env: dict, tracking: dict | None = None) -> list[RunOutcome]:
     """Train every run, at most `concurrency` at a time; runs settled by an earlier submission start nothing."""
     from personalize.run_folder import DONE
     from pipelines.storage import StorageRoot

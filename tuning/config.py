@@ -73,6 +73,34 @@ class SweepConfig(Strict):
         return self
 
 
+class TrialSettings(Strict):
+    """What the sweep's driver hands every trial, typed end to end: the batch (its one tuned method), where its
+    relative paths start, how a trial is measured and ranked, and the trial's resources and limits."""
+
+    name: str
+    batch: BatchConfig
+    base_dir: str
+    stage_eval: EvaluationSpec
+    final_eval: EvaluationSpec
+    stage_eval_prompts: int = Field(ge=1)
+    weights: dict[str, float]
+    trial_timeout_s: float = Field(gt=0)
+    env: dict[str, str] = {}  # forwarded to the trial's Train workers (no credentials: see pipelines/cluster.py)
+    scaling: dict[str, Any]  # Ray Train ScalingConfig arguments
+    tracking: dict | None = None  # RunTracker settings of the sweep's parent run
+
+    def trial_batch(self, overrides: dict[str, Any]) -> BatchConfig:
+        """The batch with a trial's sampled overrides: method keys go to the tuned method, the rest to the batch;
+        validated again, so a sampled value out of range is the trial's error, with the key named."""
+        from personalize.config import apply_overrides, split_overrides
+
+        method_over, batch_over = split_overrides(overrides)
+        method = self.batch.methods[0]
+        data = apply_overrides(self.batch.model_dump(mode="json"), batch_over, f"sweep {self.name} (trial overrides)")
+        data["method_overrides"] = {**self.batch.method_overrides, method: {**self.batch.method_overrides.get(method, {}), **method_over}}
+        return validate(BatchConfig, data, f"sweep {self.name} (trial overrides)")
+
+
 def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> tuple[SweepConfig, BatchConfig, Path]:
     path = Path(path)
     raw = read_yaml(path)

@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from personalize.errors import PersonalizeError
-from tuning.config import SweepConfig, load_sweep
+from tuning.config import SweepConfig, TrialSettings, load_sweep
 from tuning.trial import TIMED_OUT, trial
 
 log = logging.getLogger(__name__)
@@ -137,16 +137,15 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
     stage_eval = sweep.stage_eval or batch.evaluation
     if stage_eval is None or batch.evaluation is None:
         raise PersonalizeError("a sweep needs an evaluation (the batch's `evaluation`, or `stage_eval`) to rank trials")
-    settings = {
-        "name": sweep.name, "batch": batch.model_dump_json(), "base_dir": str(base_dir), "storage": batch.storage,
-        "stage_eval": stage_eval.model_dump_json(), "final_eval": batch.evaluation.model_dump_json(),
-        "stage_eval_prompts": sweep.stage_eval_prompts, "weights": dict(sweep.objective.weights),
-        "trial_timeout_s": sweep.budget.trial_timeout_s, "env": forwarded_env(),
-        "scaling": {"num_workers": 1, "use_gpu": cap.use_gpu,
-                    "resources_per_worker": {"CPU": batch.resources.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}},
-        "tracking": tracker.worker_settings() if tracker else None,
-    }
-    space = {"settings": settings, "overrides": {k: domain(v) for k, v in sweep.space.items()}}
+    settings = TrialSettings(
+        name=sweep.name, batch=batch, base_dir=str(base_dir), stage_eval=stage_eval, final_eval=batch.evaluation,
+        stage_eval_prompts=sweep.stage_eval_prompts, weights=dict(sweep.objective.weights),
+        trial_timeout_s=sweep.budget.trial_timeout_s, env=forwarded_env(),
+        scaling={"num_workers": 1, "use_gpu": cap.use_gpu,
+                 "resources_per_worker": {"CPU": batch.resources.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}},
+        tracking=tracker.worker_settings() if tracker else None,
+    )
+    space = {"settings": settings.model_dump_json(), "overrides": {k: domain(v) for k, v in sweep.space.items()}}
     storage_path, filesystem = root.ray_storage("tune")
     path = f"{storage_path}/{sweep.name}"
     trainable = tune.with_resources(trial, {"CPU": 0.1})

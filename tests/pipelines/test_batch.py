@@ -173,7 +173,7 @@ def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(tracked, tiny_mo
         a, b = load_file(str(clean / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     ray_runs = list((tmp_path / "store" / "ray").iterdir())
-    assert any((r / "stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept and restored
+    assert any((r / "ball--stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept and restored
     assert set(json.loads((resumed / "DONE.json").read_text())["stages"]) == {"token", "model"}
 
 

@@ -41,10 +41,12 @@ def test_unet_weights_hold_only_the_trained_modules(spec_for):
 
 def test_finished_runs_are_skipped_and_never_overwritten(spec_for):
     spec = spec_for("textual_inversion")
-    run_method(spec, progress=False)
+    first = run_method(spec, progress=False)
     before = (spec.run_dir / "learned_embeds.safetensors").read_bytes()
     again = run_method(spec, progress=False)
-    assert again.status == "skipped" and again.stages == []
+    assert first.status == "finished" and set(first.stage_seconds) == {s.name for s in spec.method.stages}
+    assert again.status == "skipped" and set(again.stage_seconds) == set(first.stage_seconds) and again.seconds == 0.0
+    assert again.outputs == first.outputs
     assert (spec.run_dir / "learned_embeds.safetensors").read_bytes() == before
     other = spec_for("textual_inversion", seed=5)
     with pytest.raises(RunStateError, match="different configuration"):

@@ -1,0 +1,182 @@
+"""The one Ray Train worker entry, for a batch's run and for a sweep's trial.
+
+Each run of the task trains in turn (resuming from its checkpoint, restored from Ray's copy after a worker
+restart). Every stage end is reported to Ray Train with its checkpoint; in a sweep's trial the report also carries
+a cheap evaluation so that ASHA can stop weak trials between stages, and a last report carries the full
+evaluation. Bad input (a concept, a config, a folder of another configuration) settles the run as failed with its
+reason and is never retried; a trial that loses a run fails, since it can no longer be ranked with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import Field
+from ray.train import Checkpoint
+
+from personalize.errors import ConceptError, ConfigError, RunStateError
+from personalize.method_spec import Strict
+from personalize.run_folder import DONE, FAILED, write_failed
+from personalize.run_settings import EvaluationSpec, RunSpec
+
+log = logging.getLogger(__name__)
+BAD_INPUT = (ConceptError, ConfigError, RunStateError)
+
+
+class TrialEvaluation(Strict):
+    """What a sweep's trial measures: a cheap evaluation at every stage end, the full one after the last run."""
+
+    trial_id: str
+    stage_eval: EvaluationSpec
+    final_eval: EvaluationSpec
+    stage_eval_prompts: int = Field(ge=1)
+    weights: dict[str, float]
+    overrides: dict[str, Any] = {}  # the trial's sampled values, logged with its MLflow run
+
+
+class WorkerTask(Strict):
+    specs: list[RunSpec] = Field(min_length=1)
+    storage: str
+    tracking: dict | None = None  # RunTracker settings; None: no MLflow
+    trial: TrialEvaluation | None = None  # set for a sweep's trial
+
+
+def objective(metrics: dict, weights: dict[str, float]) -> float:
+    """The scalar a scheduler ranks trials by: the weighted sum of evaluation scores."""
+    return float(sum(w * metrics[k] for k, w in weights.items()))
+
+
+def checkpoint_name(spec: RunSpec, folder: Path) -> str:
+    """Ray's name for a stage checkpoint: the concept first, as one trial trains several concepts."""
+    return f"{spec.concept.id}--{folder.name}"
+
+
+def restore_from_ray(spec: RunSpec) -> None:
+    """After a worker restart, put the last reported stage checkpoint of this run back into its folder if missing."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as source:
+        concept, _, name = Path(source).name.partition("--")
+        if concept != spec.concept.id:
+            return
+        target = spec.run_dir / "checkpoints" / name
+        if not (target / "cursor.json").is_file():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+            log.info("restored %s from the Ray checkpoint", target)
+
+
+class StageReports:
+    """The run's sink: losses to the tracker; each stage end to Ray Train with its checkpoint (from rank 0), with
+    the trial's cheap evaluation measured just before. Step losses never go to Ray: a Ray Train report waits for
+    every worker and the controller (about 2 s on a CPU node), ten times the step of a tiny run."""
+
+    def __init__(self, spec: RunSpec, tracker, trial: TrialEvaluation | None, scorers, position: int):
+        self.spec, self.tracker, self.trial, self.scorers, self.position = spec, tracker, trial, scorers, position
+        self.measured: dict[str, Any] = {}
+
+    def measure(self, ctx, index: int, stage) -> None:
+        if self.trial is None:
+            return
+        from personalize.evaluation import evaluate_in_training
+
+        m = evaluate_in_training(ctx, self.trial.stage_eval, self.scorers, self.trial.stage_eval_prompts)
+        self.measured = {"phase": "stage", "concept_index": self.position, "clip_t": m["clip_t"], "clip_i": m["clip_i"],
+                         "dino": m["dino"], "objective": objective(m, self.trial.weights)}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+
+    def stage_finished(self, index: int, stage, checkpoint: Path, seconds: float) -> None:
+        metrics = {**self.measured, "stage_index": index, f"stage_seconds/{stage.name}": seconds}
+        if ray.train.get_context().get_world_rank() == 0:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=checkpoint_name(self.spec, checkpoint))
+        else:
+            ray.train.report(metrics)
+        if self.tracker is not None:
+            self.tracker.stage_finished(index, stage, checkpoint, seconds)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from personalize.stages import run_method
+    from pipelines.storage import StorageRoot
+
+    task = WorkerTask.model_validate_json(config["task"])
+    root = StorageRoot(task.storage)
+    main = ray.train.get_context().get_world_rank() == 0
+    trial, scorers = task.trial, _scorers(task.trial)
+    trial_tracker = _trial_tracker(task)
+    for position, spec in enumerate(task.specs):
+        restore_from_ray(spec)
+        tracker = trial_tracker or _run_tracker(task, spec)
+        if trial_tracker is not None and len(task.specs) > 1:
+            trial_tracker.prefix = f"{spec.concept.id}/"
+        reports = StageReports(spec, tracker, trial, scorers, position)
+        try:
+            run_method(spec, sink=reports, progress=False, on_stage_end=reports.measure, resume=True)
+        except BAD_INPUT as e:
+            if main:
+                write_failed(spec.run_dir, str(e), spec.config_hash())
+                root.push_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # the driver may be on another node
+                if tracker is not None:
+                    tracker.finish(spec.run_dir, "FAILED", str(e))
+            if trial is not None:
+                raise
+            continue
+        if main:
+            root.push(root.relative(spec.run_dir), marker=DONE)  # an s3 root gets the finished folder, marker last
+        if tracker is not None and trial_tracker is None:
+            tracker.finish(spec.run_dir, "FINISHED")
+    if trial is not None:
+        final_report(task, scorers, trial_tracker)
+
+
+def final_report(task: WorkerTask, scorers, tracker) -> None:
+    """The trial's full evaluation, averaged over its runs: the last report, the one the sweep ranks."""
+    from personalize.evaluation import evaluate_run
+
+    trial = task.trial
+    reuse = scorers if trial.final_eval.clip == trial.stage_eval.clip else None
+    finals = [evaluate_run(spec.run_dir, trial.final_eval, reuse, progress=False).metrics for spec in task.specs]
+    mean = {k: sum(m[k] for m in finals) / len(finals) for k in ("clip_t", "clip_i", "dino")}
+    if tracker is not None:
+        tracker.prefix = ""
+        tracker.log_metrics({f"eval/{k}": v for k, v in mean.items()}, 0)
+        tracker.finish(task.specs[0].run_dir, "FINISHED")
+    ray.train.report({"phase": "final", "concept_index": len(task.specs), "stage_index": -1, **mean,
+                      "objective": objective(mean, trial.weights)})
+
+
+def _scorers(trial: TrialEvaluation | None):
+    if trial is None:
+        return None
+    import torch
+
+    from personalize.evaluation import Scorers
+
+    return Scorers(trial.stage_eval.clip, trial.stage_eval.dino, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_tracker(task: WorkerTask, spec: RunSpec):
+    if not task.tracking:
+        return None
+    from pipelines.tracking import RunTracker
+
+    return RunTracker.for_worker(task.tracking, spec)
+
+
+def _trial_tracker(task: WorkerTask):
+    """A sweep's trial logs all of its runs into one MLflow child run of the sweep."""
+    if task.trial is None or not task.tracking:
+        return None
+    from pipelines.tracking import RunTracker
+
+    trial_id = task.trial.trial_id
+    return RunTracker(task.tracking, task.specs[0], key=f"trial/{trial_id}", name=f"trial {trial_id}",
+                      extra_params={"overrides": task.trial.overrides}, extra_tags={"trial_id": trial_id})
