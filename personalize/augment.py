@@ -13,13 +13,12 @@ custom_diffusion: centre square crop, h-flip p=0.5, then random rescale: p=2/3 s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-
-PRESETS = ("ti", "dreambooth", "attn", "custom_diffusion")
 
 
 @dataclass
@@ -66,20 +65,47 @@ def flip(image: Image.Image, p: float, gen: torch.Generator) -> Image.Image:
     return image.transpose(Image.FLIP_LEFT_RIGHT) if _uniform(gen) < p else image
 
 
+Augmentation = Callable[[Image.Image, int, int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
+AUGMENTATIONS: dict[str, Augmentation] = {}
+
+
+def augmentation(name: str):
+    """Register a preset under the name a method's `augmentation:` key gives."""
+
+    def add(fn: Augmentation) -> Augmentation:
+        AUGMENTATIONS[name] = fn
+        return fn
+
+    return add
+
+
 def augment(image: Image.Image, preset: str, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
-    if preset == "ti":
-        image = flip(image.resize((size, size), Image.BICUBIC), 0.5, gen)
-        return Variant(to_tensor(image), None)
-    if preset == "dreambooth":
-        return Variant(to_tensor(random_crop(resize_short_side(image, size), size, gen)), None)
-    if preset == "attn":
-        if _uniform(gen) < 0.75:
-            image = image.rotate(_uniform(gen, -45.0, 45.0), resample=Image.NEAREST, expand=True)
-        image = flip(resize_short_side(image, size), 0.25, gen)
-        return Variant(to_tensor(random_crop(image, size, gen)), None)
-    if preset == "custom_diffusion":
-        return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
-    raise ValueError(f"unknown augmentation preset {preset!r}; available: {PRESETS}")
+    if preset not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; available: {', '.join(sorted(AUGMENTATIONS))}")
+    return AUGMENTATIONS[preset](image, size, vae_scale, gen)
+
+
+@augmentation("ti")
+def _ti(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    return Variant(to_tensor(flip(image.resize((size, size), Image.BICUBIC), 0.5, gen)), None)
+
+
+@augmentation("dreambooth")
+def _dreambooth(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    return Variant(to_tensor(random_crop(resize_short_side(image, size), size, gen)), None)
+
+
+@augmentation("attn")
+def _attn(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    if _uniform(gen) < 0.75:
+        image = image.rotate(_uniform(gen, -45.0, 45.0), resample=Image.NEAREST, expand=True)
+    image = flip(resize_short_side(image, size), 0.25, gen)
+    return Variant(to_tensor(random_crop(image, size, gen)), None)
+
+
+@augmentation("custom_diffusion")
+def _custom_diffusion(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
 
 
 def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 RECORD_ONLY = {"model_lr_scale", "model_steps_scale"}  # stage fields that record how numbers came about
+# stage fields added after runs were finished: hashed only when set otherwise, so those runs keep their hash
+HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant"}
 
 
 class Strict(BaseModel):
@@ -69,6 +71,8 @@ class StageSpec(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
+    optimizer: str = "adamw"  # a name in personalize/optim.py OPTIMIZERS
+    lr_schedule: str = "constant"  # a name in personalize/optim.py SCHEDULES (constant after warmup, cosine)
     losses: dict[str, LossSpec] = Field(min_length=1)
     use_class_prior: bool = False
     embedding_norm_lock: NormLockSpec | None = None
@@ -95,6 +99,11 @@ class StageSpec(Strict):
     @model_validator(mode="after")
     def _known_losses(self) -> StageSpec:
         from personalize.losses import validate_loss_params
+        from personalize.optim import OPTIMIZERS, SCHEDULES
+
+        for kind, name, known in (("optimizer", self.optimizer, OPTIMIZERS), ("lr_schedule", self.lr_schedule, SCHEDULES)):
+            if name not in known:
+                raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(known))}")
 
         for term, spec in self.losses.items():
             validate_loss_params(term, spec.params)
@@ -161,7 +170,7 @@ class MethodSpec(Strict):
     summary: str = ""
     placeholder: PlaceholderSpec = PlaceholderSpec()
     prompt: str | list[str] = "a photo of a {placeholder} {super_category}"
-    augmentation: Literal["ti", "dreambooth", "attn", "custom_diffusion"] = "dreambooth"
+    augmentation: str = "dreambooth"  # a preset registered in personalize/augment.py
     class_prior: ClassPriorSpec | None = None
     context_prompts: str | None = None
     attention: AttentionSpec = AttentionSpec()
@@ -171,6 +180,10 @@ class MethodSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MethodSpec:
+        from personalize.augment import AUGMENTATIONS
+
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augmentation!r}; available: {', '.join(sorted(AUGMENTATIONS))}")
         for text in ([self.prompt] if isinstance(self.prompt, str) else self.prompt):
             if not text.startswith("@"):
                 check_template(text, PROMPT_FIELDS)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from personalize.method_spec import RECORD_ONLY, MethodSpec, Strict
+from personalize.method_spec import HASHED_WHEN_SET, RECORD_ONLY, MethodSpec, Strict
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -142,4 +142,8 @@ class RunSpec(RunSettings):
             "method": {"evaluation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
                        "test_time": RECORD_ONLY},
             "concept": {"holdout": True}})
+        for stage in payload["method"]["stages"] + ([payload["method"]["test_time"]] if payload["method"]["test_time"] else []):
+            for key, default in HASHED_WHEN_SET.items():
+                if stage.get(key) == default:
+                    del stage[key]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

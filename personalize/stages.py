@@ -1,7 +1,8 @@
 """The one training loop. A method is an ordered list of stages; nothing here names a method.
 
-Each stage: select what trains (everything else frozen), a fresh AdamW, its loss terms summed with
-weights and logged one by one; a checkpoint at its end (and every K steps), so a resumed run
+Each stage: select what trains (everything else frozen), a fresh optimizer and learning-rate schedule by name
+(personalize/optim.py), its loss terms summed with weights and logged one by one, its registered hooks around
+each update (personalize/stage_hooks.py); a checkpoint at its end (and every K steps), so a resumed run
 continues exactly where it stopped.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,13 @@ from personalize.distributed import average_gradients, barrier, is_main, world
 from personalize.errors import RunStateError
 from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.method_spec import StageSpec
+from personalize.optim import lr_at, make_optimizer
 from personalize.outcome import RunOutcome
 from personalize.params import select, set_trainable
 from personalize.run import RunContext
 from personalize.run_settings import RunSpec
+from personalize.stage_hooks import build_hooks, hooks_state
 from personalize.step import StepEngine
-from personalize.tokens import placeholder_embedding
 
 
 class Sink(Protocol):
@@ -57,73 +58,6 @@ class StageResult:
     last_losses: dict[str, float] = field(default_factory=dict)
 
 
-class InjectedFault(RuntimeError):
-    """Raised once by the test-only PERSONALIZE_INJECT_FAULT setting."""
-
-
-def maybe_inject_fault(stage: str, step: int) -> None:
-    """Test-only settings: PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file> raises once at that step (tests of
-    recovery); PERSONALIZE_INJECT_HANG=<stage>:<step> blocks there (tests of time limits)."""
-    setting = os.environ.get("PERSONALIZE_INJECT_FAULT")
-    if setting:
-        name, at, marker = setting.split(":", 2)
-        if name == stage and int(at) == step and not Path(marker).exists():
-            Path(marker).write_text("fault injected\n")
-            raise InjectedFault(f"injected fault at {stage} step {step}")
-    hang = os.environ.get("PERSONALIZE_INJECT_HANG")
-    if hang and hang == f"{stage}:{step}":
-        time.sleep(24 * 3600)
-
-
-def lr_at(stage: StageSpec, step: int) -> float:
-    """Constant learning rate with optional linear warmup."""
-    if stage.warmup_steps and step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    return stage.lr
-
-
-def make_optimizer(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=stage.lr, betas=stage.adam_betas, eps=stage.adam_eps,
-                             weight_decay=stage.weight_decay, fused=fused or None)
-
-
-class NormLock:
-    """Embedding rescaling (CoRe Eq. 6, official schedule): after update `start` record the norm of the placeholder
-    rows; after updates start+1 .. end rescale them back to it. Outside that window the norm is free.
-
-    The official code takes `torch.norm` of the whole learned embedding, so with several vectors this is one joint
-    (Frobenius) norm of all rows together, and every row is scaled by the same factor: the rows' own norms may move
-    as long as the joint norm is kept.
-    """
-
-    def __init__(self, stage: StageSpec, state: dict):
-        self.window = stage.embedding_norm_lock.window(stage.steps) if stage.embedding_norm_lock else None
-        self.norm = None  # (1,) tensor: the recorded joint norm
-        if "norms" in state:
-            saved = torch.tensor(state["norms"])
-            # one value; a checkpoint with one norm per row (older layout) gives the same joint norm combined
-            self.norm = saved if saved.numel() == 1 else saved.norm().reshape(1)
-
-    @staticmethod
-    def _joint_norm(rows: torch.Tensor) -> torch.Tensor:
-        """(1,): all rows flattened into one vector; for a single row exactly that row's norm."""
-        return rows.reshape(1, -1).norm(dim=-1)
-
-    def after_update(self, rows: torch.nn.Parameter, step: int) -> None:
-        if self.window is None:
-            return
-        with torch.no_grad():
-            start, end = self.window
-            if step == start:
-                self.norm = self._joint_norm(rows).detach().cpu()
-            elif start < step <= end and self.norm is not None:
-                rows.mul_(self.norm.to(rows.device) / self._joint_norm(rows))
-
-    def state(self) -> dict:
-        return {"norms": self.norm.tolist()} if self.norm is not None else {}
-
-
 def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,
               global_step: int, progress: bool = True) -> StageResult:
     spec = ctx.spec
@@ -137,9 +71,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     if "scaler" in stage_state:
         scaler.load_state_dict(stage_state["scaler"])
-    lock = NormLock(stage, stage_state)
-    embedding = placeholder_embedding(ctx.components.text_encoder)
-    rows = embedding.rows if embedding is not None and embedding.rows.requires_grad else None
+    hooks = build_hooks(ctx, stage, stage_state)
     terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
     needs = combined_needs(stage.losses)
     capture = needs.capture.merge(needs.context_capture) if needs.capture else needs.context_capture
@@ -165,7 +97,8 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
 
         try:
             for step in bar:
-                maybe_inject_fault(stage.name, step)
+                for hook in hooks:
+                    hook.before_step(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step)
                 optimizer.zero_grad(set_to_none=True)
@@ -177,13 +110,13 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                     torch.nn.utils.clip_grad_norm_(trainable.values(), stage.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
-                if rows is not None:
-                    lock.after_update(rows, step + 1)
+                for hook in hooks:
+                    hook.after_update(step + 1)
                 readback.push(step, sums)
                 done = step + 1
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
                     readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
-                    state = {**lock.state(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                    state = {**hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
                     ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
                               learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
         finally:  # the last step's losses, also when a step fails after it

@@ -1,7 +1,8 @@
 """One training step's forward work: noise, text encoding, UNet forwards, attention capture -> StepRecord.
 
 Only what the stage's loss terms declared is computed: no main forward for a regulariser-only stage,
-no capture unless a term reads maps, no context forwards unless a context term is on.
+no capture unless a term reads maps, and a registered extra forward (personalize/forwards.py: CoRe's context
+prompts) only when a term asks for it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 from personalize.attention import AttentionStore
 from personalize.data import Batch
+from personalize.forwards import EXTRA_FORWARDS
 from personalize.params import text_side_frozen
-from personalize.record import ContextRecord, Needs, StepRecord
+from personalize.record import Needs, StepRecord
 from personalize.run import RunContext
-from personalize.tokens import context_positions, find_roles, tokenize
+from personalize.tokens import find_roles, tokenize
 
 
 class StepEngine:
@@ -76,8 +78,9 @@ class StepEngine:
                 rec.model_pred, rec.attention = self.unet(noisy, timesteps, embeds, self.needs.capture)
                 rec.attention_resolution = dict(self.store.resolutions) if self.store else {}
                 rec.target = noise if comps.noise_scheduler.config.prediction_type == "epsilon" else comps.noise_scheduler.get_velocity(latents, noise, timesteps)
-            if self.needs.context:
-                rec.context = self.context(noisy, timesteps, gen)
+            for forward in EXTRA_FORWARDS.values():
+                if forward.wanted(self.needs):
+                    forward.run(self, rec, noisy, timesteps, gen)
         return rec
 
     def _prompts(self, batch: Batch, gen: torch.Generator) -> list[str]:
@@ -85,36 +88,3 @@ class StepEngine:
             return batch.prompts
         pick = torch.randint(len(self.prompt_override), (len(batch.prompts),), generator=gen).tolist()
         return [self.ctx.placeholders.fill(self.prompt_override[i]) for i in pick]
-
-    def context(self, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> ContextRecord:
-        """CoRe: a regularisation template filled with the subject (as the method names it) and with the
-        super-category; both encoded and, if needed, run through the UNet on this step's noisy latents.
-        Context tokens are everything from SOT to EOT except the subject's tokens. The reference side has
-        no gradient."""
-        ctx, comps = self.ctx, self.ctx.components
-        pool = self.context_prompts
-        template = pool[int(torch.randint(len(pool), (), generator=gen))].replace("{placeholder}", "{}")
-        target_prompt = template.replace("{}", ctx.subject)
-        reference_prompt = template.replace("{}", ctx.placeholders.super_categories[0])
-        ids = tokenize(comps.tokenizer, [target_prompt, reference_prompt])
-        roles = find_roles(ids[:1], ctx.placeholders, ctx.class_ids)
-        start = int(roles.placeholder[0, 0])
-        if start < 0:
-            raise ValueError(f"regularisation prompt {target_prompt!r} lost the placeholder (truncated?)")
-        subject_len = roles.placeholder_len + (1 if int(roles.super_category[0, 0]) >= 0 else 0)
-        eos = comps.tokenizer.eos_token_id
-        target_keep = context_positions(ids[0], start, subject_len, eos)
-        reference_keep = context_positions(ids[1], start, 1, eos)
-        if len(target_keep) != len(reference_keep):
-            raise ValueError(f"context prompts do not align: {target_prompt!r} vs {reference_prompt!r}")
-        target_embeds = comps.text_encoder(ids[:1].to(ctx.device))[0]
-        with torch.no_grad():
-            reference_embeds = comps.text_encoder(ids[1:].to(ctx.device))[0]
-        record = ContextRecord(target_prompt, reference_prompt, target_embeds, reference_embeds,
-                               target_keep.to(ctx.device), reference_keep.to(ctx.device))
-        if self.needs.context_capture is not None:
-            batch = noisy.shape[0]
-            with torch.no_grad():
-                _, record.reference_maps = self.unet(noisy, timesteps, reference_embeds.expand(batch, -1, -1), self.needs.context_capture)
-            _, record.target_maps = self.unet(noisy, timesteps, target_embeds.expand(batch, -1, -1), self.needs.context_capture)
-        return record

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from personalize.config import available_methods
+from personalize.faults import InjectedFault
 from personalize.models import load_components
 from personalize.params import select
 from personalize.run import prepare_run
-from personalize.stages import InjectedFault, NullSink, run_method, run_stage
+from personalize.stages import NullSink, run_method, run_stage
 
 METHODS = available_methods()
 

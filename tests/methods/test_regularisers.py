@@ -10,8 +10,9 @@ from personalize.attention import attention_hooks
 from personalize.data import generator
 from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.models import load_components
+from personalize.norm_lock import NormLock
 from personalize.run import prepare_run
-from personalize.stages import NormLock, NullSink, run_method, run_stage
+from personalize.stages import NullSink, run_method, run_stage
 from personalize.step import StepEngine
 from personalize.tokens import placeholder_embedding
 
@@ -89,12 +90,12 @@ def lock_stage():
 def test_norm_lock_holds_the_joint_norm_of_all_rows_exactly_inside_its_window_only():
     stage = lock_stage()
     rows = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
-    lock = NormLock(stage, {})
+    lock = NormLock(stage, {}, rows)
     joint, per_row = [], []
     for step in range(1, 9):
         with torch.no_grad():
             rows.mul_(1.5).add_(0.1)  # an "optimizer update" that grows the norm and shifts the rows' ratio
-        lock.after_update(rows, step)
+        lock.after_update(step)
         joint.append(rows.detach().pow(2).sum().sqrt().item())  # Frobenius norm of both rows together
         per_row.append(rows.detach().norm(dim=-1).clone())
     recorded = joint[2]  # after update 3
@@ -103,18 +104,18 @@ def test_norm_lock_holds_the_joint_norm_of_all_rows_exactly_inside_its_window_on
         # one common factor for both rows: the rows' own norms are not each held
         assert not torch.allclose(per_row[step - 1], per_row[2], rtol=1e-4, atol=0)
     assert joint[6] > recorded and joint[1] < recorded  # free after the window and before it
-    assert NormLock(stage, lock.state()).norm.item() == pytest.approx(recorded, rel=1e-6)
+    assert NormLock(stage, lock.state(), rows).norm.item() == pytest.approx(recorded, rel=1e-6)
 
 
 def test_norm_lock_restores_from_a_per_row_checkpoint():
     stage = lock_stage()
     # one vector: the old layout {"norms": [norm of the row]} is the joint norm itself
     rows = torch.nn.Parameter(torch.tensor([[6.0, 8.0]]))
-    NormLock(stage, {"norms": [5.0]}).after_update(rows, 4)
+    NormLock(stage, {"norms": [5.0]}, rows).after_update(4)
     assert torch.equal(rows.detach(), torch.tensor([[3.0, 4.0]]))
     # several vectors: the per-row norms combine into the joint norm they were recorded from
-    assert NormLock(stage, {"norms": [3.0, 4.0]}).norm.item() == pytest.approx(5.0)
-    assert NormLock(stage, {}).state() == {}
+    assert NormLock(stage, {"norms": [3.0, 4.0]}, rows).norm.item() == pytest.approx(5.0)
+    assert NormLock(stage, {}, rows).state() == {}
 
 
 def test_norm_lock_survives_a_resume_inside_its_window(spec_for, tiny_model, tmp_path, monkeypatch):
@@ -124,7 +125,7 @@ def test_norm_lock_survives_a_resume_inside_its_window(spec_for, tiny_model, tmp
     run_method(reference, components=load_components(str(tiny_model)), progress=False)
     spec = spec_for("core", stage_overrides=over, output_dir=str(tmp_path / "b"), checkpoint_every=1)
     spec = spec.model_copy(update={"method": _lock(spec.method)})
-    from personalize.stages import InjectedFault
+    from personalize.faults import InjectedFault
 
     monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"embedding:3:{tmp_path / 'marker'}")
     with pytest.raises(InjectedFault):

@@ -1,0 +1,41 @@
+"""Test-only faults, for tests of recovery and time limits: set in the environment (so that they reach Ray
+workers), read once when a stage starts, and active only when set.
+
+    PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file>   raise once at that step (the marker records it)
+    PERSONALIZE_INJECT_HANG=<stage>:<step>                   block there
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by PERSONALIZE_INJECT_FAULT."""
+
+
+class FaultInjection:
+    def __init__(self, stage: str, fault: str | None, hang: str | None):
+        self.stage, self.fault, self.hang = stage, fault, hang
+
+    def before_step(self, step: int) -> None:
+        if self.fault:
+            name, at, marker = self.fault.split(":", 2)
+            if name == self.stage and int(at) == step and not Path(marker).exists():
+                Path(marker).write_text("fault injected\n")
+                raise InjectedFault(f"injected fault at {self.stage} step {step}")
+        if self.hang and self.hang == f"{self.stage}:{step}":
+            time.sleep(24 * 3600)
+
+    def after_update(self, step: int) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+
+def from_environment(ctx, stage, state: dict) -> FaultInjection | None:
+    fault, hang = os.environ.get("PERSONALIZE_INJECT_FAULT"), os.environ.get("PERSONALIZE_INJECT_HANG")
+    return FaultInjection(stage.name, fault, hang) if fault or hang else None

@@ -1,0 +1,37 @@
+"""What acts around a stage's updates without being the loop, registered like the loss terms: a factory sees the
+run, the stage and the stage's saved state, and returns a hook, or None when the stage does not use it. A hook's
+state is saved with every checkpoint, so a resumed stage continues with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from personalize import faults, norm_lock
+
+
+class StageHook(Protocol):
+    def before_step(self, step: int) -> None: ...  # before the step's forward (0-based step)
+
+    def after_update(self, step: int) -> None: ...  # after the optimizer's update number `step` (1-based)
+
+    def state(self) -> dict: ...  # JSON-able, saved in the checkpoint's stage state
+
+
+StageHookFactory = Callable[..., "StageHook | None"]
+STAGE_HOOKS: dict[str, StageHookFactory] = {
+    "embedding_norm_lock": norm_lock.from_stage,  # CoRe: hold the placeholder rows' joint norm in a window
+    "fault_injection": faults.from_environment,  # tests of recovery and time limits only
+}
+
+
+def register_stage_hook(name: str, factory: StageHookFactory) -> None:
+    STAGE_HOOKS[name] = factory
+
+
+def build_hooks(ctx, stage, state: dict) -> list[StageHook]:
+    return [hook for factory in STAGE_HOOKS.values() if (hook := factory(ctx, stage, state)) is not None]
+
+
+def hooks_state(hooks: list[StageHook]) -> dict:
+    return {key: value for hook in hooks for key, value in hook.state().items()}
