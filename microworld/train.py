@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from microworld.budget import Log, RunningMean, budget_loop, cosine_lr, update
 from microworld.data import render_set, to_tensor
 from microworld.models import (
     CLIP_CONFIG,
@@ -63,48 +64,6 @@ class Plan:
                        identity_minutes=self.identity_minutes * k)
 
 
-@dataclass
-class Log:
-    """Progress lines to stdout and a record of every part for the model cards."""
-
-    records: dict = field(default_factory=dict)
-
-    def say(self, part: str, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {part}: {text}", flush=True)
-
-
-class RunningMean:
-    """An exponential running mean of a loss, kept on its device: read back (a sync) only when printed."""
-
-    def __init__(self, keep: float):
-        self.keep, self.value = keep, None
-
-    def add(self, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.value = loss if self.value is None else self.keep * self.value + (1 - self.keep) * loss
-
-    def __float__(self) -> float:
-        return float(self.value)
-
-
-def budget_loop(minutes: float, min_steps: int = 1):
-    """(step, fraction of the time budget used) until the budget is spent (at least `min_steps` steps)."""
-    began, step = time.perf_counter(), 0
-    while True:
-        used = (time.perf_counter() - began) / (minutes * 60)
-        if step >= min_steps and used >= 1:
-            return
-        yield step, min(used, 1.0)
-        step += 1
-
-
-def cosine_lr(step: int, used: float, warmup: int, peak: float) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine to 10 % of `peak` over the time budget."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * used)))
-
-
 # ---------------------------------------------------------------------------------------------- VAE
 
 
@@ -120,10 +79,7 @@ def train_vae(pixels: torch.Tensor, minutes: float, device: torch.device, log: L
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value.add(loss)
+        update(opt, loss, loss_value)
         if step % 100 == 0:
             log.say("vae", f"step {step} loss {float(loss_value):.4f}")
     vae.eval()
@@ -327,10 +283,7 @@ def train_identity(minutes: float, pairs: int, device: torch.device, log: Log, b
         logits = za @ zb.T / 0.1
         labels = torch.arange(batch, device=device)
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value.add(loss)
+        update(opt, loss, loss_value)
         if step % 50 == 0:
             log.say("identity", f"step {step} loss {float(loss_value):.4f}")
     log.records["identity"] = {"steps": step + 1, "batch": batch, "pairs": pairs, "final_loss": round(float(loss_value), 5),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from personalize.errors import PersonalizeError
+from personalize.plugins import load_plugins
 
 Commands = dict[str, tuple[str, Callable[[list[str]], int]]]
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None, commands: Commands | None = None) -> int
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_libraries()
     try:
+        load_plugins()
         return args.func(args)
     except PersonalizeError as e:
         print(f"error: {e}", file=sys.stderr)

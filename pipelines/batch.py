@@ -10,7 +10,6 @@ when the config is invalid or every run failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from personalize.errors import ModelUnavailableError, PersonalizeError
+from personalize.errors import ModelUnavailableError
 from personalize.evaluation import FLOOR_FOLDER
 from personalize.run_folder import DONE
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
+from pipelines.command import config_parser, run_command
 from pipelines.config import BatchConfig, load_batch, resolve_batch, split_manifest
 from pipelines.preflight import check_batch_resources
 from pipelines.redaction import redact
@@ -143,26 +143,20 @@ def _root_cause(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="personalize batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                                         "examples:\n  personalize batch configs/batch/demo.yaml\n"
-                                         "  personalize batch my_batch.yaml resources.max_concurrent_runs=4 storage=s3://bucket/prefix"))
-    parser.add_argument("config", help="batch YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.max_concurrent_runs=2")
-    args = parser.parse_args(argv)
-    from pipelines.cluster import setup_logging
+    args = config_parser("personalize batch", __doc__, [
+        "personalize batch configs/batch/demo.yaml",
+        "personalize batch my_batch.yaml resources.max_concurrent_runs=4 storage=s3://bucket/prefix"],
+        "batch YAML", "dotted overrides, e.g. resources.max_concurrent_runs=2").parse_args(argv)
 
-    setup_logging()
-    try:
+    def work() -> int:
         config, base_dir = load_batch(args.config, args.overrides)
         check_batch_resources(config, args.config)  # before Ray or a tracking run starts
         from pipelines.tracking import tracker_for
 
         with tracker_for(config) as tracker:
             return run_batch(config, base_dir, tracker)
-    except PersonalizeError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ray.train import Checkpoint
 
 from personalize.errors import ConceptError, ConfigError, RunStateError
 from personalize.method_spec import Strict
+from personalize.plugins import load_plugins
 from personalize.run_folder import DONE, FAILED, write_failed
 from personalize.run_settings import EvaluationSpec, RunSpec
 
@@ -107,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     from personalize.stages import run_method
     from pipelines.storage import StorageRoot
 
+    load_plugins()  # a method's own registered functions, before its specs are read
     task = WorkerTask.model_validate_json(config["task"])
     root = StorageRoot(task.storage)
     main = ray.train.get_context().get_world_rank() == 0

@@ -5,7 +5,6 @@ of text alignment vs identity. Resubmitting an interrupted sweep restores it (`T
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -16,6 +15,7 @@ import pandas as pd
 import yaml
 
 from personalize.errors import PersonalizeError
+from pipelines.command import config_parser, run_command
 from tuning.config import SweepConfig, TrialSettings, load_sweep
 from tuning.trial import TIMED_OUT, trial
 
@@ -208,27 +208,19 @@ def write_results(sweep: SweepConfig, batch, base_dir: Path, frame: pd.DataFrame
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="personalize sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                                         "examples:\n  personalize sweep configs/sweeps/demo_rare.yaml\n"
-                                         "  personalize sweep configs/sweeps/world_core.yaml storage=s3://bucket/sweeps"))
-    parser.add_argument("config", help="sweep YAML")
-    parser.add_argument("overrides", nargs="*", help="overrides of the base batch config")
-    args = parser.parse_args(argv)
-    from pipelines.cluster import setup_logging
+    args = config_parser("personalize sweep", __doc__, [
+        "personalize sweep configs/sweeps/demo_rare.yaml",
+        "personalize sweep configs/sweeps/world_core.yaml storage=s3://bucket/sweeps"],
+        "sweep YAML", "overrides of the base batch config").parse_args(argv)
 
-    setup_logging()
-    try:
+    def work() -> int:
         sweep, batch, base = load_sweep(args.config, args.overrides)
         from tuning.tracking import sweep_tracker
 
         with sweep_tracker(sweep, batch) as tracker:
             return run_sweep(sweep, batch, base, tracker)
-    except PersonalizeError as e:
-        from pipelines.redaction import redact
 
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    return run_command(work)
 
 
 if __name__ == "__main__":

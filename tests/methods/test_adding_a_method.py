@@ -1,16 +1,18 @@
-"""A new method is one YAML file plus registered functions: nothing in the project is edited. Here a method
-from a temporary folder with its own loss term and augmentation preset trains end to end, its term logged."""
+"""A new method is one YAML file plus a module of registered functions, both in a folder of their own: nothing in
+the project is edited. Here such a method, with its own loss term and augmentation preset, trains through
+`personalize train` and its term is logged."""
 
 import csv
+import sys
+import textwrap
 
 import pytest
-import torch
-from pydantic import BaseModel, ConfigDict
+import yaml
 
+from cluster.cli import main
 from personalize import augment, losses
-from personalize.record import Needs
-from personalize.stages import run_method
-from tests.conftest import quick_spec
+from personalize.errors import ConfigError
+from personalize.plugins import load_plugins
 
 METHOD = """
 name: sharp_inversion
@@ -29,41 +31,64 @@ stages:
     losses: {diffusion: 1.0, prediction_energy: {weight: 0.5, power: 2}}
 """
 
+PLUGIN = """
+from pydantic import BaseModel, ConfigDict
+from PIL import Image
+
+from personalize.augment import Variant, augmentation, to_tensor
+from personalize.losses import register
+from personalize.record import Needs
+
+CALLS = []
+
 
 class EnergyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     power: int = 2
 
 
-def prediction_energy(rec, p: EnergyParams) -> torch.Tensor:
+@register("prediction_energy", EnergyParams, lambda p: Needs(prediction=True), "mean |prediction|^power")
+def prediction_energy(rec, p):
     return rec.model_pred.float().abs().pow(p.power).mean()
 
 
+@augmentation("mirrored")
+def mirrored(image, size, vae_scale, gen):
+    CALLS.append(size)
+    return Variant(to_tensor(image.resize((size, size)).transpose(Image.FLIP_LEFT_RIGHT)), None)
+"""
+
+
 @pytest.fixture
-def registered(monkeypatch):
-    """The method's functions, registered for this test only."""
-    calls = []
+def plugin_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "my_method"
+    folder.mkdir()
+    (folder / "sharp_inversion.yaml").write_text(METHOD)
+    (folder / "sharp_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PERSONALIZE_PLUGINS", "sharp_plugin")
+    yield folder
+    losses.LOSS_TERMS.pop("prediction_energy", None)
+    augment.AUGMENTATIONS.pop("mirrored", None)
+    sys.modules.pop("sharp_plugin", None)
 
-    def mirrored(image, size, vae_scale, gen):
-        calls.append(size)
-        return augment.Variant(augment.to_tensor(image.resize((size, size)).transpose(0)), None)
 
-    monkeypatch.setitem(augment.AUGMENTATIONS, "mirrored", mirrored)
-    monkeypatch.setitem(losses.LOSS_TERMS, "prediction_energy", losses.LossTerm(
-        "prediction_energy", prediction_energy, EnergyParams, lambda p: Needs(prediction=True), "mean |prediction|^power"))
-    return calls
-
-
-def test_a_method_from_a_yaml_and_registered_functions_trains(registered, tiny_model, concept_dir, tmp_path):
-    path = tmp_path / "methods" / "sharp_inversion.yaml"
-    path.parent.mkdir()
-    path.write_text(METHOD)
-    spec = quick_spec(str(path), tiny_model, concept_dir, tmp_path / "out", stage_overrides={"steps": 3})
-    assert spec.method.stages[0].lr_schedule == "cosine" and spec.method.augmentation == "mirrored"
-    outcome = run_method(spec, progress=False)
-    assert outcome.status == "finished" and spec.run_dir.name == "sharp_inversion"
-    assert registered and set(registered) == {64}  # the preset made the instance variants
-    with (spec.run_dir / "losses.csv").open() as f:
+def test_a_method_from_its_own_folder_trains_through_the_command_line(plugin_folder, tiny_model, concept_dir, tmp_path):
+    experiment = {"model": str(tiny_model), "method": str(plugin_folder / "sharp_inversion.yaml"), "output_dir": str(tmp_path / "out"),
+                  "concepts": [{"id": "blob", "images": str(concept_dir), "super_category": "toy"}], "resolution": 64,
+                  "latent_variants": 2, "samples": {"prompts": ["a photo of a {subject}"], "seeds": [0], "steps": 2}}
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+    assert main(["train", str(tmp_path / "experiment.yaml")]) == 0
+    run = tmp_path / "out" / "blob" / "sharp_inversion"
+    assert (run / "DONE.json").is_file() and (run / "learned_embeds.safetensors").is_file()
+    assert set(sys.modules["sharp_plugin"].CALLS) == {64}  # its preset made the instance variants
+    with (run / "losses.csv").open() as f:
         logged = [r for r in csv.DictReader(f) if r["metric"] == "train/invert/prediction_energy"]
     assert [int(r["step"]) for r in logged] == [0, 1, 2] and all(float(r["value"]) > 0 for r in logged)
-    assert (spec.run_dir / "learned_embeds.safetensors").is_file()
+    assert '"lr_schedule": "cosine"' in (run / "config.resolved.json").read_text()
+
+
+def test_a_plugin_that_cannot_be_imported_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_PLUGINS", "no_such_plugin_module")
+    with pytest.raises(ConfigError, match="cannot import 'no_such_plugin_module'.*PYTHONPATH"):
+        load_plugins()
