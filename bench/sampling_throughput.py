@@ -17,10 +17,10 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from personalize.config import resolve_runs
+from personalize.loop import run_method
 from personalize.models import build_sd15_model, build_tiny_model
 from personalize.run_settings import ExperimentConfig
 from personalize.sampling import LoadedRun, generate
-from personalize.stages import run_method
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
 
 

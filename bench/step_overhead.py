@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from personalize.config import resolve_runs
 from personalize.data import generator
+from personalize.loop import run_stage
+from personalize.loss_log import FileSink
 from personalize.models import build_sd15_model, build_tiny_model, load_components
 from personalize.optim import make_optimizer
-from personalize.run import prepare_run
+from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
-from personalize.runlog import FileSink
-from personalize.stages import run_stage
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
 from personalize.tokens import tokenize
 

@@ -39,7 +39,7 @@ def cmd_methods(args) -> int:
 
 def cmd_train(args) -> int:
     from personalize.config import load_experiment
-    from personalize.training import train_all
+    from personalize.train_many import train_all
 
     runs = load_experiment(args.config, args.overrides)
     outcomes = train_all(runs, resume=args.resume)

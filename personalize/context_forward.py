@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from personalize.record import ContextRecord, StepRecord
+from personalize.step_record import ContextRecord, StepRecord
 from personalize.tokens import context_positions, find_roles, tokenize
 
 if TYPE_CHECKING:
-    from personalize.step import StepEngine
+    from personalize.step_engine import StepEngine
 
 
 def context_forward(engine: StepEngine, rec: StepRecord, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from personalize import context_forward
-from personalize.record import Needs
+from personalize.step_record import Needs
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from personalize.attention import CaptureSpec
-from personalize.record import Needs, StepRecord
+from personalize.step_record import Needs, StepRecord
 
 
 class NoParams(BaseModel):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from personalize import checkpoint
 from personalize.errors import RunStateError
+from personalize.loss_log import read_timings
 from personalize.run_settings import RunSpec
-from personalize.runlog import read_timings
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"

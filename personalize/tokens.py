@@ -14,8 +14,8 @@ from torch import nn
 
 from personalize.errors import ConceptError
 from personalize.method_spec import PlaceholderSpec
-from personalize.record import TokenRoles
 from personalize.run_settings import ConceptSpec
+from personalize.step_record import TokenRoles
 
 log = logging.getLogger(__name__)
 

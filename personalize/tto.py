@@ -10,10 +10,10 @@ from personalize.config import load_method
 from personalize.data import Batcher, LatentBank
 from personalize.devices import resolve_precision
 from personalize.errors import ConceptError
+from personalize.loop import NullSink, run_stage
 from personalize.method_spec import StageSpec
-from personalize.run import RunContext
+from personalize.run_context import RunContext
 from personalize.sampling import LoadedRun
-from personalize.stages import NullSink, run_stage
 from personalize.tokens import placeholder_embedding, restore_rows, single_token_id
 
 

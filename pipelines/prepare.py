@@ -61,7 +61,7 @@ class LatentEncoder:
         from functools import partial
 
         from personalize.data import cached_instance_bank
-        from personalize.run import instance_bank_key
+        from personalize.run_context import instance_bank_key
 
         keys = []
         for spec_json in batch["spec"]:

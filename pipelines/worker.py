@@ -105,7 +105,7 @@ class StageReports:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from personalize.stages import run_method
+    from personalize.loop import run_method
     from pipelines.storage import StorageRoot
 
     load_plugins()  # a method's own registered functions, before its specs are read

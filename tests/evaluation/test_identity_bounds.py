@@ -18,10 +18,10 @@ from personalize.identity import (
     normalised_identity,
 )
 from personalize.images import load_concept_images
+from personalize.loop import run_method
 from personalize.metrics import pairwise_mean
 from personalize.report import write_comparison
 from personalize.run_settings import EvaluationSpec
-from personalize.stages import run_method
 from tests.conftest import draw_concept
 
 NEW_KEYS = ["clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm"]

@@ -37,7 +37,7 @@ from PIL import Image
 
 from personalize.augment import Variant, augmentation, to_tensor
 from personalize.losses import register
-from personalize.record import Needs
+from personalize.step_record import Needs
 
 CALLS = []
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from personalize.config import available_methods
 from personalize.faults import InjectedFault
+from personalize.loop import NullSink, run_method, run_stage
 from personalize.models import load_components
 from personalize.params import select
-from personalize.run import prepare_run
-from personalize.stages import NullSink, run_method, run_stage
+from personalize.run_context import prepare_run
 
 METHODS = available_methods()
 
@@ -129,15 +129,15 @@ def test_resume_at_a_stage_boundary_equals_an_uninterrupted_run(method, spec_for
 def test_a_non_finite_loss_stops_the_run_at_its_step_and_is_never_checkpointed(spec_for, tiny_model, tmp_path, monkeypatch):
     """Step losses are read back one step late (so a GPU never waits on the host); a non-finite one must still
     stop the run naming its step, before any checkpoint holds that step's update."""
-    from personalize import checkpoint, stages
+    from personalize import checkpoint, loop
 
-    real = stages.accumulate
+    real = loop.accumulate
 
     def poisoned(ctx, engine, stage, terms, scaler, step_key, *rest):
         sums = real(ctx, engine, stage, terms, scaler, step_key, *rest)
         return sums * float("nan") if step_key[-1] == 2 else sums
 
-    monkeypatch.setattr(stages, "accumulate", poisoned)
+    monkeypatch.setattr(loop, "accumulate", poisoned)
     spec = spec_for("textual_inversion", output_dir=str(tmp_path / "run"), checkpoint_every=1, stage_overrides={"steps": 5})
     sink = Recorder()
     with pytest.raises(FloatingPointError, match="step 2: non-finite loss"):

@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 
 from personalize.errors import ConceptError
+from personalize.loop import run_method
 from personalize.models import load_components
-from personalize.run import prepare_run
-from personalize.stages import run_method
+from personalize.run_context import prepare_run
 
 
 @pytest.mark.parametrize("method", ["attndreambooth", "core", "disendiff"])

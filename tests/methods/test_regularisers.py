@@ -8,12 +8,12 @@ import torch
 
 from personalize.attention import attention_hooks
 from personalize.data import generator
+from personalize.loop import NullSink, run_method, run_stage
 from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.models import load_components
 from personalize.norm_lock import NormLock
-from personalize.run import prepare_run
-from personalize.stages import NullSink, run_method, run_stage
-from personalize.step import StepEngine
+from personalize.run_context import prepare_run
+from personalize.step_engine import StepEngine
 from personalize.tokens import placeholder_embedding
 
 

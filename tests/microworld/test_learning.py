@@ -12,8 +12,8 @@ import pytest
 from microworld.concepts import CONCEPTS, write_concepts
 from personalize.config import resolve_runs
 from personalize.evaluation import evaluate_run
+from personalize.loop import run_method
 from personalize.run_settings import EvaluationSpec, ExperimentConfig
-from personalize.stages import run_method
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models" / "microworld"

@@ -27,7 +27,7 @@ from personalize.losses import (
     soft_iou,
     suppress,
 )
-from personalize.record import ContextRecord, StepRecord, TokenRoles
+from personalize.step_record import ContextRecord, StepRecord, TokenRoles
 
 K = 6  # keys (tokens) in the hand-made maps
 

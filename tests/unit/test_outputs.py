@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from personalize.errors import RunStateError
 from personalize.faults import InjectedFault
-from personalize.stages import run_method
+from personalize.loop import run_method
 
 
 def test_textual_inversion_outputs_load_into_a_diffusers_pipeline(spec_for, tiny_model):

@@ -28,10 +28,10 @@ from personalize.method_spec import StageSpec
 from personalize.optim import lr_at, make_optimizer
 from personalize.outcome import RunOutcome
 from personalize.params import select, set_trainable
-from personalize.run import RunContext
+from personalize.run_context import RunContext
 from personalize.run_settings import RunSpec
 from personalize.stage_hooks import build_hooks, hooks_state
-from personalize.step import StepEngine
+from personalize.step_engine import StepEngine
 
 
 class Sink(Protocol):
@@ -196,9 +196,9 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
     part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten).
     `on_stage_end(ctx, index, stage)` runs after each stage's checkpoint, before the sink hears of the stage."""
-    from personalize import export, run_folder, runlog
+    from personalize import export, loss_log, run_folder
     from personalize.heatmaps import write_stage_heatmaps
-    from personalize.run import prepare_run
+    from personalize.run_context import prepare_run
     from personalize.sampling import write_sample_grid
 
     run_dir = spec.run_dir
@@ -224,7 +224,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         ckpt.apply_learned(ctx.models, checkpoint.learned)
         start_stage = checkpoint.cursor.stage_index
         first_step = offsets[start_stage] + checkpoint.cursor.step if start_stage < len(stages) else sum(s.steps for s in stages)
-    sink = runlog.MultiSink(runlog.FileSink(run_dir, first_step) if main else None, sink)
+    sink = loss_log.MultiSink(loss_log.FileSink(run_dir, first_step) if main else None, sink)
 
     results = []
     for index in range(start_stage, len(stages)):

@@ -15,8 +15,8 @@ from personalize.attention import AttentionStore
 from personalize.data import Batch
 from personalize.forwards import EXTRA_FORWARDS
 from personalize.params import text_side_frozen
-from personalize.record import Needs, StepRecord
-from personalize.run import RunContext
+from personalize.run_context import RunContext
+from personalize.step_record import Needs, StepRecord
 from personalize.tokens import find_roles, tokenize
 
 

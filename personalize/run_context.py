@@ -20,9 +20,9 @@ from personalize.models import SDComponents, load_components
 from personalize.params import SelectorError, select
 from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
-from personalize.record import Needs
 from personalize.run_settings import RunSpec
 from personalize.sampling import subject_phrase
+from personalize.step_record import Needs
 from personalize.tokens import Placeholders, add_placeholders, find_roles, single_token_id, tokenize, word_ids
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import logging
 import traceback
 
 from personalize.errors import ConceptError, PersonalizeError, RunStateError
+from personalize.loop import run_method
 from personalize.outcome import RunOutcome
 from personalize.run_settings import RunSpec
-from personalize.stages import run_method
 
 log = logging.getLogger(__name__)
 
