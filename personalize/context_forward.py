@@ -4,22 +4,19 @@ personalize/forwards.py; the loss terms that read it declare `Needs(context=True
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from personalize.step_record import ContextRecord, StepRecord
 from personalize.tokens import context_positions, find_roles, tokenize
 
-if TYPE_CHECKING:
-    from personalize.step_engine import StepEngine
 
-
-def context_forward(engine: StepEngine, rec: StepRecord, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> None:
+def context_forward(engine: Any, rec: StepRecord, noisy: torch.Tensor, timesteps: torch.Tensor, gen: torch.Generator) -> None:
     """CoRe: a regularisation template filled with the subject (as the method names it) and with the
     super-category; both encoded and, if needed, run through the UNet on this step's noisy latents.
     Context tokens are everything from SOT to EOT except the subject's tokens. The reference side has
-    no gradient."""
+    no gradient. `engine` is the step's StepEngine (its context prompts, needs and UNet forward)."""
     ctx, comps = engine.ctx, engine.ctx.components
     pool = engine.context_prompts
     template = pool[int(torch.randint(len(pool), (), generator=gen))].replace("{placeholder}", "{}")

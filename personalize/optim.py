@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from personalize.method_spec import StageSpec
+
+class StageSpec(Protocol):
+    """What the optimizers and schedules read of a stage (personalize/method_spec.py StageSpec)."""
+
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    adam_eps: float
+    optimizer: str
+    lr_schedule: str
 
 OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], StageSpec], torch.optim.Optimizer]] = {}
 SCHEDULES: dict[str, Callable[[StageSpec, int], float]] = {}
