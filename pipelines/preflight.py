@@ -1,13 +1,18 @@
 """Checks of a batch's own resources in the driver, before Ray starts or a tracking run is opened: the base model
-folder and its weight files, the scorer folders. Each failure is one line naming what, where and the fix; nothing
-is created. (Concept images are checked per concept later: a bad concept fails only itself.)"""
+folder and its weight files, the scorer folders, the storage (an S3 endpoint reachable, credentials accepted, the
+bucket there and writable), the MLflow server when one is named. Each failure is one line naming what, where and
+the fix; nothing is created (no mirror folder, no tracking run; the test object written to the bucket is removed).
+(Concept images are checked per concept later: a bad concept fails only itself.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import uuid
 from pathlib import Path
 
+from personalize import storage
 from personalize.errors import ConfigError
 from personalize.models import SUBFOLDERS
 
@@ -75,8 +80,72 @@ def scorer_problems(evaluation) -> list[str]:
     return problems
 
 
+def storage_problems(root: str) -> list[str]:
+    """A local folder that can be made; or an S3 prefix whose endpoint answers, whose credentials are accepted and
+    whose bucket exists and takes (and gives back) a test object."""
+    if not storage.is_s3(root):
+        path = Path(root).expanduser()
+        if path.exists() and not path.is_dir():
+            return [f"storage {root}: a file, not a folder; name a folder (or s3://bucket/prefix)"]
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not os.access(existing, os.W_OK):
+            return [f"storage {root}: {existing} is not writable; name a folder you can write (or s3://bucket/prefix)"]
+        return []
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    bucket, prefix = storage.split(root)
+    endpoint = storage.endpoint_url() or "AWS S3"
+    session = boto3.session.Session()
+    if session.get_credentials() is None:
+        return [f"storage {root}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); "
+                "with the local stack: source .stack/env.sh"]
+    s3 = session.client("s3", endpoint_url=storage.endpoint_url(), region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                        config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}))
+    probe = f"{prefix}/.preflight-{uuid.uuid4().hex}".lstrip("/")
+    try:
+        s3.head_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=probe, Body=b"personalize preflight\n")
+        s3.delete_object(Bucket=bucket, Key=probe)
+    except EndpointConnectionError:
+        return [f"storage {root}: cannot reach the S3 endpoint {endpoint}; start it (`personalize stack up`) or set "
+                "AWS_ENDPOINT_URL_S3 to a server that answers"]
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            return [f"storage {root}: bucket {bucket!r} does not exist at {endpoint}; create it (aws s3 mb s3://{bucket}) "
+                    "or name another"]
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            return [f"storage {root}: {endpoint} refused the credentials ({code}); check AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, and that they may read and write the bucket"]
+        return [f"storage {root}: {endpoint} answered {code or e}; check the bucket and the credentials"]
+    except BotoCoreError as e:
+        return [f"storage {root}: {type(e).__name__} talking to {endpoint}; check AWS_ENDPOINT_URL_S3 and the network"]
+    return []
+
+
+def tracking_problems(tracking) -> list[str]:
+    """A named MLflow server must answer its health check (a local ./mlruns store needs nothing)."""
+    uri = (tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")) if tracking.enabled else ""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
+            if answer.status == 200:
+                return []
+    except (urllib.error.URLError, OSError):
+        pass
+    return [f"tracking: the MLflow server at {uri} does not answer; start it (`personalize stack up`), point "
+            "MLFLOW_TRACKING_URI at one that does, or set tracking.enabled=false"]
+
+
 def check_batch_resources(config, source: str) -> None:
     """Every problem of the batch's own resources at once, as a ConfigError (exit 2, nothing started)."""
-    problems = model_problems(config.model) + scorer_problems(config.evaluation)
+    problems = model_problems(config.model) + scorer_problems(config.evaluation) + storage_problems(config.storage) \
+        + tracking_problems(config.tracking)
     if problems:
         raise ConfigError(source, problems)

@@ -16,6 +16,7 @@ import yaml
 
 from personalize.errors import PersonalizeError
 from pipelines.command import config_parser, run_command
+from pipelines.preflight import check_batch_resources
 from tuning.config import SweepConfig, TrialSettings, load_sweep
 from tuning.trial import TIMED_OUT, trial
 
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         sweep, batch, base = load_sweep(args.config, args.overrides)
+        check_batch_resources(batch, args.config)  # before Ray or a tracking run starts
         from tuning.tracking import sweep_tracker
 
         with sweep_tracker(sweep, batch) as tracker:
