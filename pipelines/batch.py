@@ -15,11 +15,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from personalize.errors import ModelUnavailableError
 from personalize.evaluation import FLOOR_FOLDER
 from personalize.run_folder import DONE
+from personalize.run_settings import RunSpec
 from pipelines.cluster import capacity, concurrent_runs, connect, forwarded_env
 from pipelines.command import config_parser, run_command
 from pipelines.config import BatchConfig, load_batch, resolve_batch, split_manifest
@@ -60,7 +62,31 @@ def manifest_rows(bad: dict[str, str], methods: list[str]) -> list[dict]:
             for label, reason in bad.items() for method in methods]
 
 
+@dataclass
+class BatchPlan:
+    """A batch whose configuration is known good: every run resolved, the manifest's bad rows set apart."""
+
+    config: BatchConfig  # the manifest's good concepts inline
+    specs: list[RunSpec]
+    manifest_bad: dict[str, str]  # concept label -> reason
+
+
+def plan_batch(config: BatchConfig, base_dir: Path) -> BatchPlan:
+    """Every run of the grid resolved (each method file, override and concept validated), creating nothing: a
+    config error surfaces here, before Ray starts or a tracking run is opened."""
+    from pipelines.storage import StorageRoot
+
+    root = StorageRoot(config.storage)  # paths only: nothing is created or fetched
+    config, manifest_bad = split_manifest(config, base_dir)
+    specs = resolve_batch(config, base_dir, str(root.local("runs")), str(root.local("cache")))
+    return BatchPlan(config, specs, manifest_bad)
+
+
 def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
+    return execute_batch(plan_batch(config, base_dir), tracker)
+
+
+def execute_batch(plan: BatchPlan, tracker=None) -> int:
     from personalize.models import resolve_model_path
     from pipelines.evaluate import evaluate_runs
     from pipelines.prepare import encode_latents, generate_priors, validate_concepts
@@ -68,14 +94,13 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
     from pipelines.train import train_runs
 
     began = time.perf_counter()
+    config, specs, manifest_bad = plan.config, plan.specs, plan.manifest_bad
     root = StorageRoot(config.storage)
     if not root.remote and os.environ.get("RAY_JOB_ID") and not Path(config.storage).is_absolute():
         log.warning("storage %r is relative: under `ray job submit` it lands in the job's temporary working "
                     "directory; use an absolute path or s3://bucket/prefix", config.storage)
-    config, manifest_bad = split_manifest(config, base_dir)
     for label, reason in manifest_bad.items():
         log.error("skipping concept %s: %s", label, redact(reason))
-    specs = resolve_batch(config, base_dir, str(root.local("runs")), str(root.local("cache")))
     print(f"{len(specs)} runs ({len({s.concept.id for s in specs})} concepts x {len(config.methods)} methods); "
           f"storage {root.uri()}; {connect()}", flush=True)
     quiet_ray_data()
@@ -153,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         check_batch_resources(config, args.config)  # before Ray or a tracking run starts
         from pipelines.tracking import tracker_for
 
+        plan = plan_batch(config, base_dir)  # a config error ends here: no tracking run is left behind
         with tracker_for(config) as tracker:
-            return run_batch(config, base_dir, tracker)
+            return execute_batch(plan, tracker)
 
     return run_command(work)
 

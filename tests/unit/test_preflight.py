@@ -51,3 +51,15 @@ def test_the_batch_refuses_before_starting_anything(tmp_path, capsys, tiny_score
     err = capsys.readouterr().err
     assert f"model {tmp_path / 'missing'}: no such folder" in err and f"evaluation.clip {tmp_path / 'noclip'}" in err
     assert not (tmp_path / "store").exists()  # nothing created: no storage folder, no Ray, no tracking run
+
+
+def test_a_config_error_found_while_planning_opens_no_tracking_run(tiny_model, concept_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tmp_path / "batch.yaml"
+    config.write_text(f"model: {tiny_model}\nmethods: [textual_inversion]\nconcepts: [{{id: c, images: {concept_dir}, "
+                      f"super_category: toy}}]\nstorage: {tmp_path / 'store'}\nevaluation: null\n"
+                      "method_overrides: {textual_inversion: {stages.embedding.steps: 0}}\n")
+    assert main([str(config)]) == 2
+    assert "stages.embedding.steps: got 0" in capsys.readouterr().err
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "store").exists()
