@@ -36,6 +36,9 @@ def connect(num_cpus: int | None = None) -> str:
     port = free_port()
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
              log_to_driver=True, _node_ip_address="127.0.0.1", object_store_memory=512 * 1024 * 1024)
+    from pipelines.reaper import start_watcher
+
+    start_watcher(os.getpid(), ray._private.worker._global_node.get_session_dir_path())  # ours to stop, even if killed
     return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs (dashboard http://127.0.0.1:{port})"
 
 

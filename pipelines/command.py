@@ -4,7 +4,9 @@ examples, our logging, and bad input reported as one readable line (secrets reda
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from personalize.errors import PersonalizeError
@@ -19,14 +21,32 @@ def config_parser(prog: str, description: str, examples: list[str], config_help:
     return parser
 
 
+INTERRUPTED = 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_command(work: Callable[[], int]) -> int:
+    """`work()`'s exit status; bad input is status 2, an interrupt (Ctrl-C, or SIGTERM) stops our local Ray and is
+    status 130 with how to resume."""
     from pipelines.cluster import setup_logging
     from pipelines.redaction import redact
 
     setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         load_plugins()
         return work()
     except PersonalizeError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept, and a run stopped part-way keeps its last stage checkpoint; run "
+              "the same command again to resume", file=sys.stderr, flush=True)
+        import ray
+
+        ray.shutdown()  # a local Ray started here stops with it
+        return INTERRUPTED
