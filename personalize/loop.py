@@ -78,7 +78,8 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     prompts = [stage.prompt] if isinstance(stage.prompt, str) else stage.prompt
 
     rank, world_size = world()
-    began, last = time.perf_counter(), {}
+    # a stage resumed from a mid-stage checkpoint counts the time it had run before, so its time is the whole stage's
+    began, last = time.perf_counter() - stage_state.get("seconds", 0.0), {}
     bar = tqdm(range(start, stage.steps), desc=f"{spec.concept.id}/{spec.method.name}: {stage.name}",
                disable=not progress or rank > 0, initial=start, total=stage.steps, leave=False)
     with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store, \
@@ -116,7 +117,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                 done = step + 1
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
                     readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
-                    state = {**hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                    state = {"seconds": time.perf_counter() - began, **hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
                     ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
                               learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
         finally:  # the last step's losses, also when a step fails after it

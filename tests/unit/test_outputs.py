@@ -83,3 +83,17 @@ def test_a_model_retrained_at_the_same_path_never_passes_for_the_one_a_run_was_t
     with pytest.raises(RunStateError, match="different configuration"):
         run_method(again, progress=False)
     assert json.loads((first.run_dir / "DONE.json").read_text())["config_hash"] == first.config_hash()
+
+
+def test_a_stage_resumed_mid_way_reports_the_whole_stages_time(spec_for, tmp_path, monkeypatch):
+    from personalize import checkpoint
+
+    spec = spec_for("textual_inversion", stage_overrides={"steps": 4}, checkpoint_every=1)
+    monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"embedding:3:{tmp_path / 'marker'}")
+    with pytest.raises(InjectedFault):
+        run_method(spec, progress=False)
+    before = checkpoint.latest(spec.run_dir).cursor.stage_state["seconds"]
+    assert before > 0
+    outcome = run_method(spec, progress=False, resume=True)
+    assert outcome.stage_seconds["embedding"] >= round(before, 2)
+    assert json.loads((spec.run_dir / "DONE.json").read_text())["stages"]["embedding"]["seconds"] >= before
