@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from personalize.run_folder import DONE, RESOLVED_CONFIG
+from personalize.run_folder import DONE, RESOLVED_CONFIG, finished_spec
 
 LEARNED_FILES = (DONE, RESOLVED_CONFIG, "placeholders.json", "learned_embeds.safetensors", "unet.safetensors")
 
@@ -55,6 +55,20 @@ def learned_folder(run_dir: Path, target: Path) -> Path:
     return target
 
 
+def signature(run_dir: Path):
+    """What the model takes and gives, stated (so MLflow infers nothing): prompts with '{}' for the subject and
+    optional seeds; PNG images back. Its parameters default to the method's sampling protocol."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    protocol = finished_spec(run_dir).method.evaluation
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image_png")]),
+        params=ParamSchema([ParamSpec("steps", "long", protocol.steps), ParamSpec("guidance_scale", "double", protocol.guidance_scale)]),
+    )
+
+
 def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> str:
     """Log the pyfunc into the child run and register it; returns the new model version."""
     import mlflow
@@ -64,5 +78,6 @@ def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> 
         info = mlflow.pyfunc.log_model(
             name="personalized", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"run": str(folder)},
             registered_model_name=registered_name, pip_requirements=["torch", "diffusers", "transformers", "safetensors"],
+            signature=signature(Path(run_dir)),
         )
     return str(info.registered_model_version)

@@ -124,6 +124,8 @@ def test_models_are_registered_with_the_best_run_aliased_and_generate(tracked):
     assert client.get_model_version_by_alias("tracked.ball", "champion").run_id == best.info.run_id
     mlflow.set_tracking_uri(tracked["uri"])
     model = mlflow.pyfunc.load_model("models:/tracked.ball@champion")
+    stated = model.metadata.get_input_schema().input_names(), model.metadata.get_params_schema().to_dict()
+    assert stated[0] == ["prompt", "seed"] and {p["name"] for p in stated[1]} == {"steps", "guidance_scale"}
     out = model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [3]}), params={"steps": 2})
     assert out["prompt"][0].endswith("on the beach") and "{}" not in out["prompt"][0]
     assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (64, 64)
