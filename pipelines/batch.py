@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         with tracker_for(config) as tracker:
             return execute_batch(plan, tracker)
 
-    return run_command(work)
+    return run_command(work, args.verbose)
 
 
 if __name__ == "__main__":

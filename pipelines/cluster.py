@@ -11,12 +11,23 @@ import ray
 log = logging.getLogger(__name__)
 
 # Forwarded to every Ray worker: Ray only propagates RAY_TRAIN_* variables by itself.
-FORWARDED_ENV = ("PERSONALIZE_PLUGINS", "PERSONALIZE_INJECT_FAULT", "PERSONALIZE_INJECT_HANG", "PERSONALIZE_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+FORWARDED_ENV = ("PERSONALIZE_PLUGINS", "PERSONALIZE_VERBOSE", "PERSONALIZE_INJECT_FAULT", "PERSONALIZE_INJECT_HANG", "PERSONALIZE_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")
 
 
+# Ray workers keep the libraries' per-load progress bars and notices to themselves unless the run is verbose
+QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+
+
+def verbose() -> bool:
+    """`-v`: Ray's worker logs and the libraries' notices on the terminal too."""
+    return os.environ.get("PERSONALIZE_VERBOSE") == "1"
+
+
 def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {} if verbose() else dict(QUIET_LIBRARIES)
+    env.update({k: os.environ[k] for k in (*FORWARDED_ENV, *QUIET_LIBRARIES) if k in os.environ})
+    return env
 
 
 def connect(num_cpus: int | None = None) -> str:
@@ -27,7 +38,7 @@ def connect(num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"env_vars": forwarded_env()}
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env=env, log_to_driver=verbose())
         return f"joined the cluster at {os.environ.get('RAY_ADDRESS', 'the job cluster')}"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every Ray listener on 127.0.0.1
     cpus = num_cpus or max(4, os.cpu_count() or 2)  # logical CPUs: drivers and actors mostly wait
@@ -35,11 +46,13 @@ def connect(num_cpus: int | None = None) -> str:
     # CPUs of a trainer whose controller was killed (a trial stopped by ASHA) are never given back.
     port = free_port()
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
-             log_to_driver=True, _node_ip_address="127.0.0.1", object_store_memory=512 * 1024 * 1024)
+             log_to_driver=verbose(), _node_ip_address="127.0.0.1", object_store_memory=512 * 1024 * 1024)
     from pipelines.reaper import start_watcher
 
-    start_watcher(os.getpid(), ray._private.worker._global_node.get_session_dir_path())  # ours to stop, even if killed
-    return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs (dashboard http://127.0.0.1:{port})"
+    session = ray._private.worker._global_node.get_session_dir_path()
+    start_watcher(os.getpid(), session)  # ours to stop, even if killed
+    logs = "" if verbose() else f"; Ray's worker logs in {session}/logs (-v shows them here)"
+    return f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs (dashboard http://127.0.0.1:{port}){logs}"
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ examples, our logging, and bad input reported as one readable line (secrets reda
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from personalize.plugins import load_plugins
 def config_parser(prog: str, description: str, examples: list[str], config_help: str, overrides_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's worker logs and the libraries' notices here too")
     parser.add_argument("config", help=config_help)
     parser.add_argument("overrides", nargs="*", help=overrides_help)
     return parser
@@ -28,12 +30,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_command(work: Callable[[], int]) -> int:
+def run_command(work: Callable[[], int], verbose: bool = False) -> int:
     """`work()`'s exit status; bad input is status 2, an interrupt (Ctrl-C, or SIGTERM) stops our local Ray and is
     status 130 with how to resume."""
     from pipelines.cluster import setup_logging
     from pipelines.redaction import redact
 
+    if verbose:
+        os.environ["PERSONALIZE_VERBOSE"] = "1"
     setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

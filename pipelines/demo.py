@@ -14,6 +14,7 @@ from pipelines.batch import main as batch_main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize demo", description=__doc__)
     parser.add_argument("--output", default="outputs/demo")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's worker logs and the libraries' notices here too")
     parser.add_argument("overrides", nargs="*", help="batch overrides, e.g. methods=[core] steps_scale=0.5")
     return parser
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output
     concepts = write_concepts(Path(output) / "concepts", (CONCEPTS[0], CONCEPTS[5]))
     overrides = [f"concepts={concepts.resolve()}", f"storage={Path(output).resolve()}", *args.overrides]
-    code = batch_main([str(CONFIG_ROOT / "batch" / "demo.yaml"), *overrides])
+    code = batch_main([*(["-v"] if args.verbose else []), str(CONFIG_ROOT / "batch" / "demo.yaml"), *overrides])
     if code == 0:
         print(f"\nsamples and reports under {output}/runs/<concept>/<method>/ (eval/*/report.html); compare the runs in "
               "MLflow: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")

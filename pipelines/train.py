@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from personalize.outcome import RunOutcome
 from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds
 from personalize.run_settings import RunSpec
+from pipelines.progress import Progress
 from pipelines.redaction import redact
 from pipelines.worker import WorkerTask, train_loop_per_worker
 
@@ -105,6 +106,7 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
         else:
             outcomes.append(earlier)
     inflight: dict = {}
+    progress = Progress(len(specs), len(outcomes))
     while pending or inflight:
         while pending and len(inflight) < concurrency:
             spec = pending.pop(0)
@@ -113,12 +115,17 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
             fit = _fit.options(runtime_env={"env_vars": env}) if env else _fit
             ref = fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
             inflight[ref] = (spec, time.perf_counter())
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+        if not ready:
+            if progress.due():
+                print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
+            continue
         spec, began = inflight.pop(ready[0])
         if root.remote:  # the run may have trained on another node: its folder, or its failure, is in the bucket
             if not root.pull(root.relative(spec.run_dir), marker=DONE):
                 root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
         outcome = outcome_of(spec, ray.get(ready[0]), time.perf_counter() - began)
         log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
+        progress.record(outcome.status)
         outcomes.append(outcome)
     return outcomes

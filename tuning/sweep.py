@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         with sweep_tracker(sweep, batch) as tracker:
             return run_sweep(sweep, batch, base, tracker)
 
-    return run_command(work)
+    return run_command(work, args.verbose)
 
 
 if __name__ == "__main__":

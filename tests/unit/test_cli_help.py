@@ -6,8 +6,8 @@ from cluster.cli import main
 
 
 @pytest.mark.parametrize(("command", "usage"), [
-    ("batch", "usage: personalize batch [-h] config [overrides ...]"),
-    ("sweep", "usage: personalize sweep [-h] config [overrides ...]"),
+    ("batch", "usage: personalize batch [-h] [-v] config [overrides ...]"),
+    ("sweep", "usage: personalize sweep [-h] [-v] config [overrides ...]"),
     ("stack", "usage: personalize stack [-h]"),
 ])
 def test_ray_subcommands_answer_help(command, usage, capsys):
