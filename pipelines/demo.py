@@ -9,6 +9,8 @@ from pathlib import Path
 from microworld.concepts import CONCEPTS, write_concepts
 from personalize.locations import CONFIG_ROOT
 from pipelines.batch import main as batch_main
+from pipelines.config import load_batch
+from pipelines.demo_sheet import demo_sheet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"concepts={concepts.resolve()}", f"storage={Path(output).resolve()}", *args.overrides]
     code = batch_main([*(["-v"] if args.verbose else []), str(CONFIG_ROOT / "batch" / "demo.yaml"), *overrides])
     if code == 0:
+        methods = load_batch(CONFIG_ROOT / "batch" / "demo.yaml", overrides)[0].methods
+        sheet = demo_sheet(Path(output) / "runs", Path(output) / "concepts", methods, Path(output) / "samples-overview.png")
+        if sheet is not None:
+            print(f"\nevery concept's photos and each method's samples in one picture: {sheet}")
         print(f"\nsamples and reports under {output}/runs/<concept>/<method>/ (eval/*/report.html); compare the runs in "
               "MLflow: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
     return code
