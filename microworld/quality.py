@@ -99,6 +99,11 @@ def batch_config(setting: Setting, methods: list[str], concepts, seed: int, stor
     )
 
 
+def trained_steps(method: str, setting: Setting, models: Path, scale) -> int:
+    overrides = method_overrides(method, setting, models)
+    return sum(overrides.get(f"stages.{s.name}.steps", s.steps) for s in load_method(method, scale=scale).stages)
+
+
 def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
     """Every (method, concept, seed) trained and evaluated through `personalize batch`; one row per run."""
     from pipelines.batch import run_batch
@@ -122,8 +127,7 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     frame = pd.concat([frame, test_time_rows(frame, setting, models)], ignore_index=True)
     scale = load_recipe_scale(str(models / "model"))
-    frame["steps"] = frame["method"].map(lambda m: sum(method_overrides(m, setting, models).get(f"stages.{s.name}.steps", s.steps)
-                                                       for s in load_method(m.removesuffix("+tto"), scale=scale).stages))
+    frame["steps"] = frame["method"].map(lambda m: trained_steps(m.removesuffix("+tto"), setting, models, scale))
     # a run found finished (a resubmission) reports no training time of its own: its stages' recorded times
     frame["train_seconds"] = frame["stage_seconds"].map(lambda t: round(sum(json.loads(t or "{}").values()), 2))
     frame.to_csv(out / "quality_runs.csv", index=False)

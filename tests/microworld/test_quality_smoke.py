@@ -11,10 +11,12 @@ from microworld.quality import Setting, run, write_report
 
 
 def test_quality_benchmark_smoke(tmp_path, local_ray):
-    setting = Setting.smoke(["textual_inversion", "disendiff"])
+    setting = Setting.smoke(["textual_inversion", "core", "disendiff"])
     frame = run(tmp_path / "work", setting)
-    assert sorted(frame["method"]) == ["disendiff", "textual_inversion"]
+    assert sorted(frame["method"]) == ["core", "core+tto", "disendiff", "textual_inversion"]
     assert set(frame["status"]) == {"finished"}
+    steps = frame.set_index("method")["steps"]
+    assert steps["core+tto"] == steps["core"] and steps["textual_inversion"] >= 1  # the trained steps, TTO or not
     paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0)
     table = pd.read_csv(paths["csv"])
     for metric in ("clip_t", "clip_i_norm", "dino_norm"):
