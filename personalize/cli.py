@@ -11,6 +11,7 @@ from pathlib import Path
 
 from personalize.errors import PersonalizeError
 from personalize.plugins import load_plugins
+from personalize.quiet import quiet_libraries
 
 Commands = dict[str, tuple[str, Callable[[list[str]], int]]]
 
@@ -175,17 +176,6 @@ def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_draw_concepts)
 
     return parser
-
-
-def quiet_libraries() -> None:
-    """Our own progress bars only: the libraries' per-load bars and cast warnings are noise here."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None, commands: Commands | None = None) -> int:

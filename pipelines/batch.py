@@ -122,6 +122,8 @@ def execute_batch(plan: BatchPlan, tracker=None) -> int:
     usable = [o.spec for o in outcomes if o.status in ("finished", "skipped")]
     evaluations, eval_error = {}, ""
     if config.evaluation is not None and usable:
+        print(f"evaluating {len(usable)} run(s): each concept's identity floor and ceiling, then samples and scores",
+              flush=True)
         try:
             evaluations = evaluate_runs(usable, config.evaluation, actors, cap.use_gpu, config.storage)
         except Exception as e:  # scorers missing, for instance: the trained runs still stand

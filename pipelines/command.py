@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from personalize.errors import PersonalizeError
 from personalize.plugins import load_plugins
+from personalize.quiet import quiet_libraries
 
 
 def config_parser(prog: str, description: str, examples: list[str], config_help: str, overrides_help: str) -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def run_command(work: Callable[[], int], verbose: bool = False) -> int:
 
     if verbose:
         os.environ["PERSONALIZE_VERBOSE"] = "1"
+    else:
+        quiet_libraries()  # the driver loads models too (identity floors, the registry)
     setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

@@ -1,6 +1,6 @@
 """One progress line for a batch, printed every so often while its runs train: runs queued, training, finished
-and failed, each training run's stage and step (read from its losses.csv when the run trains on this machine),
-and an estimate of the time left."""
+and failed, each training run's step (read from its own files when the run trains on this machine), and an
+estimate of the training time left."""
 
 from __future__ import annotations
 
@@ -25,28 +25,36 @@ def position(spec: RunSpec) -> tuple[int, int]:
     return min(steps, total), total
 
 
+def steps_of(spec: RunSpec) -> int:
+    return sum(s.steps for s in spec.method.stages)
+
+
 class Progress:
-    def __init__(self, total: int, settled: int, every_s: float = 20.0, clock=time.monotonic):
-        self.total, self.clock, self.every_s = total, clock, every_s
+    """The time left is read from steps: the steps of the runs to train here, against those done so far."""
+
+    def __init__(self, to_train: list[RunSpec], every_s: float = 20.0, clock=time.monotonic):
+        self.clock, self.every_s = clock, every_s
         self.began = self.last = clock()
-        self.settled_before = settled  # finished or failed by an earlier submission: no time spent here
+        self.total_steps = sum(steps_of(s) for s in to_train) or 1
+        self.steps_done = 0
         self.finished = self.failed = 0
 
-    def record(self, status: str) -> None:
+    def record(self, spec: RunSpec, status: str) -> None:
+        self.steps_done += steps_of(spec)
         if status == "failed":
             self.failed += 1
         else:
             self.finished += 1
 
     def line(self, training: list[RunSpec], queued: int) -> str:
-        runs = []
+        runs, steps = [], self.steps_done
         for spec in training:
             done, total = position(spec)
+            steps += done
             runs.append(f"{spec.concept.id}/{spec.method.name} {done}/{total}")
-        ended = self.finished + self.failed
         elapsed = self.clock() - self.began
-        left = self.total - self.settled_before - ended
-        eta = f", about {elapsed / ended * left / 60:.0f} min left" if ended and left else ""
+        fraction = steps / self.total_steps
+        eta = f", about {elapsed * (1 - fraction) / fraction / 60:.0f} min of training left" if fraction >= 0.05 else ""
         return (f"[{elapsed / 60:5.1f} min] {queued} queued, {len(training)} training, {self.finished} finished, "
                 f"{self.failed} failed{eta}" + (" | " + ", ".join(runs) if runs else ""))
 

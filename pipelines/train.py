@@ -106,7 +106,7 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
         else:
             outcomes.append(earlier)
     inflight: dict = {}
-    progress = Progress(len(specs), len(outcomes))
+    progress = Progress(pending)
     while pending or inflight:
         while pending and len(inflight) < concurrency:
             spec = pending.pop(0)
@@ -126,6 +126,6 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
                 root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
         outcome = outcome_of(spec, ray.get(ready[0]), time.perf_counter() - began)
         log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
-        progress.record(outcome.status)
+        progress.record(spec, outcome.status)
         outcomes.append(outcome)
     return outcomes

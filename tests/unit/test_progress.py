@@ -20,15 +20,15 @@ def test_a_runs_position_comes_from_its_finished_stages_and_its_losses(spec_for)
     assert position(spec) == (7, 10)
 
 
-def test_the_line_counts_runs_and_estimates_the_time_left(spec_for):
+def test_the_line_counts_runs_and_estimates_the_time_left_from_steps(spec_for):
     clock = Clock()
-    spec = spec_for("textual_inversion")
-    progress = Progress(total=5, settled=1, every_s=20, clock=clock)
+    first, second = spec_for("textual_inversion", stage_overrides={"steps": 10}), spec_for("textual_inversion", seed=1, stage_overrides={"steps": 10})
+    progress = Progress([first, second], every_s=20, clock=clock)
     assert not progress.due()
     clock.now = 120.0
     assert progress.due() and not progress.due()
-    progress.record("finished")
-    progress.record("failed")
-    line = progress.line([spec], queued=1)
-    assert line.startswith("[  2.0 min] 1 queued, 1 training, 1 finished, 1 failed, about 2 min left")
-    assert line.endswith(f"blob/textual_inversion 0/{spec.method.stages[0].steps}")
+    progress.record(first, "finished")  # half the steps in 2 minutes: 2 minutes left
+    line = progress.line([second], queued=0)
+    assert line == "[  2.0 min] 0 queued, 1 training, 1 finished, 0 failed, about 2 min of training left | blob/textual_inversion 0/10"
+    progress.record(second, "failed")
+    assert ", 1 finished, 1 failed" in progress.line([], queued=0)
