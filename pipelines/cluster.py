@@ -93,3 +93,4 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("personalize", "pipelines", "tuning"):
         logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if verbose() else logging.WARNING)  # "Created version 3 of ..."

@@ -41,6 +41,7 @@ def run_command(work: Callable[[], int], verbose: bool = False) -> int:
         os.environ["PERSONALIZE_VERBOSE"] = "1"
     else:
         quiet_libraries()  # the driver loads models too (identity floors, the registry)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

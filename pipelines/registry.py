@@ -12,6 +12,7 @@ import base64
 import io
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -73,7 +74,9 @@ def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> 
     """Log the pyfunc into the child run and register it; returns the new model version."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+        # the signature is stated; an input example would make MLflow load the model and generate to check it
+        warnings.filterwarnings("ignore", message="An input example was not provided")
         folder = learned_folder(Path(run_dir), Path(tmp) / "run")
         info = mlflow.pyfunc.log_model(
             name="personalized", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"run": str(folder)},
