@@ -30,7 +30,7 @@ def test_a_killed_batch_driver_leaves_no_ray_process(tiny_model, concept_dir, tm
     for line in driver.stdout:
         if "Started a local Ray" in line or "started a local Ray" in line:
             session = os.path.realpath("/tmp/ray/session_latest")
-        if "Started training worker group" in line:
+        if " training, " in line and "0 training" not in line:  # the progress line: a run is training
             break
     assert session and session_processes(session), "the batch did not start training"
     driver.kill()
