@@ -286,10 +286,15 @@ def _disendiff_maps(rec: StepRecord, p: DisenDiffParams) -> tuple[torch.Tensor, 
     return take(mods), suppress(take(classes))
 
 
+def _disendiff_needs(p: DisenDiffParams) -> Needs:
+    """Both DisenDiff terms read one resolution's maps of the main forward; a class must be one token."""
+    return Needs(prediction=True, capture=CaptureSpec(resolutions=(p.resolution,)), single_token_class=True)
+
+
 @register(
     "disendiff_binding",
     DisenDiffParams,
-    lambda p: Needs(prediction=True, capture=CaptureSpec(resolutions=(p.resolution,)), single_token_class=True),
+    _disendiff_needs,
     "DisenDiff L_bind (official code): sum over subjects of 1 - softIoU(stopgrad(f_m(G(class map))), G(modifier "
     "map)) on min-max normalised maps at one resolution, averaged over layers and heads; mean over samples.",
 )
@@ -304,7 +309,7 @@ def disendiff_binding(rec: StepRecord, p: DisenDiffParams) -> torch.Tensor:
 @register(
     "disendiff_separation",
     DisenDiffParams,
-    lambda p: Needs(prediction=True, capture=CaptureSpec(resolutions=(p.resolution,)), single_token_class=True),
+    _disendiff_needs,
     "DisenDiff L_s&s (official code): softIoU between the suppressed, smoothed class maps of two subjects (no "
     "stop-gradient), minimised; with more subjects the mean over every pair; mean over samples.",
 )
