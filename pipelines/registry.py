@@ -76,7 +76,7 @@ def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> 
 
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
         # the signature is stated; an input example would make MLflow load the model and generate to check it
-        warnings.filterwarnings("ignore", message="An input example was not provided")
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided")  # MLflow colours it
         folder = learned_folder(Path(run_dir), Path(tmp) / "run")
         info = mlflow.pyfunc.log_model(
             name="personalized", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"run": str(folder)},
