@@ -39,6 +39,8 @@ class Setting:
     latent_variants: int = 8
     concurrent_runs: int = 2
     track: bool = True  # MLflow tracking of the batches (experiment "world-quality")
+    prior_steps: int = 20  # sampling steps of each class-prior image
+    tto_steps: int | None = None  # CoRe's test-time optimisation steps per prompt; None: the recipe's
 
     @classmethod
     def full(cls) -> Setting:
@@ -48,7 +50,7 @@ class Setting:
     @classmethod
     def smoke(cls, methods: list[str]) -> Setting:
         return cls(concepts=1, seeds=1, methods=methods, scales={m: 0.01 for m in REDUCED_SCALES}, class_images=2,
-                   samples=1, eval_steps=2, latent_variants=1, track=False)
+                   samples=1, eval_steps=2, latent_variants=1, track=False, prior_steps=2, tto_steps=1)
 
 
 def method_overrides(method: str, setting: Setting, models: Path) -> dict:
@@ -57,8 +59,10 @@ def method_overrides(method: str, setting: Setting, models: Path) -> dict:
     scale = setting.scales.get(method, 1.0)
     overrides = {f"stages.{s.name}.steps": max(1, round(s.steps * scale)) for s in scaled.stages} if scale != 1.0 else {}
     if setting.class_images and scaled.class_prior is not None:
-        overrides.update({"class_prior.num_images": setting.class_images, "class_prior.inference_steps": 20,
+        overrides.update({"class_prior.num_images": setting.class_images, "class_prior.inference_steps": setting.prior_steps,
                           "class_prior.guidance_scale": 5.0})
+    if setting.tto_steps is not None and scaled.test_time is not None:
+        overrides["test_time.steps"] = setting.tto_steps
     return overrides
 
 

@@ -12,7 +12,11 @@ log = logging.getLogger(__name__)
 
 # Forwarded to every Ray worker: Ray only propagates RAY_TRAIN_* variables by itself.
 FORWARDED_ENV = ("PERSONALIZE_PLUGINS", "PERSONALIZE_VERBOSE", "PERSONALIZE_INJECT_FAULT", "PERSONALIZE_INJECT_HANG", "PERSONALIZE_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY")
+                 "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+# How often a Ray Train controller polls its workers (Ray's default: 2 s). Every start, finish and stage report of a
+# run waits for a poll: at 0.5 s a run's fixed cost on a 2-core machine drops from 13 to 8 s, for 4 cheap calls a second.
+TRAIN_POLL_SECONDS = "0.5"
 
 
 # Ray workers keep the libraries' per-load progress bars and notices to themselves unless the run is verbose
@@ -36,6 +40,7 @@ def connect(num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return "already connected"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_SECONDS)
     env = {"env_vars": forwarded_env()}
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(runtime_env=env, log_to_driver=verbose())
