@@ -81,10 +81,11 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from personalize.errors import ConfigError
-    from personalize.evaluation import Scorers, evaluate_run
+    from personalize.evaluation import evaluate_run
     from personalize.report import write_comparison
     from personalize.run_folder import DONE, find_finished
     from personalize.run_settings import EvaluationSpec
+    from personalize.scoring import Scorers
 
     runs = find_finished(args.runs)
     if not runs:

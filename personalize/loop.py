@@ -32,6 +32,7 @@ from personalize.run_context import RunContext
 from personalize.run_settings import RunSpec
 from personalize.stage_hooks import build_hooks, hooks_state
 from personalize.step_engine import StepEngine
+from personalize.validation import Validator, due
 
 
 class Sink(Protocol):
@@ -41,12 +42,18 @@ class Sink(Protocol):
 
     def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None: ...
 
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        """A validation point: `val/*` metrics and its sample grid (on rank 0; other ranks hear of it without them)."""
+
 
 class NullSink:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None:
+        pass
+
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
         pass
 
 
@@ -59,7 +66,7 @@ class StageResult:
 
 
 def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,
-              global_step: int, progress: bool = True) -> StageResult:
+              global_step: int, progress: bool = True, validator: Validator | None = None) -> StageResult:
     spec = ctx.spec
     trainable = set_trainable(ctx.models, stage.trainable)
     names = list(trainable)
@@ -115,6 +122,9 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                     hook.after_update(step + 1)
                 readback.push(step, sums)
                 done = step + 1
+                if validator is not None and due(validator.settings, global_step + done, validator.total_steps):
+                    readback.flush(report)  # weights are validated only once their step's loss was seen to be finite
+                    validate(ctx, validator, sink, global_step + done, stage.name, rank)
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
                     readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
                     state = {"seconds": time.perf_counter() - began, **hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
@@ -125,6 +135,15 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     for p in trainable.values():
         p.requires_grad_(False)
     return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)
+
+
+def validate(ctx: RunContext, validator: Validator, sink: Sink, step: int, stage: str, rank: int) -> None:
+    """One validation point, measured on rank 0 (the others wait at the next gradient average)."""
+    if rank > 0:
+        sink.validated(step, {}, None)
+        return
+    point, grid = validator.validate(step, stage, learned_state(ctx, len(ctx.spec.method.stages) - 1))
+    sink.validated(step, point.metrics(), grid)
 
 
 def accumulate(ctx: RunContext, engine: StepEngine, stage: StageSpec, terms: dict, scaler, step_key: tuple,
@@ -193,10 +212,11 @@ def learned_state(ctx: RunContext, upto: int) -> dict[str, torch.Tensor]:
 
 
 def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progress: bool = True,
-               on_stage_end=None, resume: bool = True) -> RunOutcome:
+               on_stage_end=None, resume: bool = True, scorers=None) -> RunOutcome:
     """Train one concept with one method; a finished run is never redone. With `resume`, a run that stopped
     part-way continues from its latest checkpoint; without it, such a run is an error (nothing is overwritten).
-    `on_stage_end(ctx, index, stage)` runs after each stage's checkpoint, before the sink hears of the stage."""
+    `on_stage_end(ctx, index, stage)` runs after each stage's checkpoint, before the sink hears of the stage.
+    With `spec.validation`, the validation points are scored by `scorers` (loaded from its settings if None)."""
     from personalize import export, loss_log, run_folder
     from personalize.heatmaps import write_stage_heatmaps
     from personalize.run_context import prepare_run
@@ -226,11 +246,12 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         start_stage = checkpoint.cursor.stage_index
         first_step = offsets[start_stage] + checkpoint.cursor.step if start_stage < len(stages) else sum(s.steps for s in stages)
     sink = loss_log.MultiSink(loss_log.FileSink(run_dir, first_step) if main else None, sink)
+    validator = validator_for(ctx, scorers, first_step) if spec.validation is not None else None
 
     results = []
     for index in range(start_stage, len(stages)):
         stage = stages[index]
-        result = run_stage(ctx, index, stage, sink, checkpoint, offsets[index], progress)
+        result = run_stage(ctx, index, stage, sink, checkpoint, offsets[index], progress, validator)
         path = ckpt.stage_dir(run_dir, index, stage.name)
         if main:
             ckpt.save(path, ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
@@ -251,11 +272,27 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
                           last_losses=results[-1].last_losses if results else {})
     if not main:
         return finished
+    details = {}
+    if validator is not None:  # the exports below come from the chosen point's weights
+        details = {"selection": validator.select(), "validation_seconds": validator.seconds()}
     finished.outputs = _write_outputs(ctx, export)
     write_sample_grid(ctx, run_dir / "samples.png")
     finished.outputs.append("samples.png")
-    run_folder.write_done(run_dir, config_hash, finished.outputs)
+    run_folder.write_done(run_dir, config_hash, finished.outputs, **details)
     return finished
+
+
+def validator_for(ctx: RunContext, scorers, resumed_at: int | None) -> Validator | None:
+    """Rank 0's validator (other ranks only count the points); scorers loaded from the settings if not given."""
+    settings = ctx.spec.validation
+    total = sum(s.steps for s in ctx.spec.method.stages)
+    if not is_main():
+        return Validator.counting(settings, total)
+    if scorers is None:
+        from personalize.scoring import scorers_on
+
+        scorers = scorers_on(settings, ctx.device)
+    return Validator(ctx, settings, scorers, resumed_at, total)
 
 
 def _write_outputs(ctx: RunContext, export) -> list[str]:

@@ -39,6 +39,9 @@ class FileSink:
         timings[stage.name] = {"index": index, "seconds": round(seconds, 3), "steps": stage.steps, "checkpoint": str(checkpoint)}
         self.timings_path.write_text(json.dumps(timings, indent=1))
 
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        pass  # the validator writes validation.csv itself
+
 
 class MultiSink:
     def __init__(self, *sinks):
@@ -51,6 +54,10 @@ class MultiSink:
     def stage_finished(self, index: int, stage: StageSpec, checkpoint: Path, seconds: float) -> None:
         for s in self.sinks:
             s.stage_finished(index, stage, checkpoint, seconds)
+
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        for s in self.sinks:
+            s.validated(step, metrics, grid)
 
 
 def read_timings(run_dir: Path) -> dict:

@@ -5,6 +5,7 @@
         DONE.json              finished: config hash, stage timings, outputs (written last, atomically)
         FAILED.json            failed for good (bad input): the reason and the config hash
         checkpoints/           stage checkpoints of a run part-way (personalize/checkpoint.py)
+        validation.csv         validation points, with their grids in validation/ (personalize/validation.py)
 
 A folder belongs to the configuration whose hash its DONE.json or latest checkpoint records; a run of another
 configuration never writes into it, so finished or partial work is never overwritten.
@@ -36,11 +37,12 @@ def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / DONE).is_file()
 
 
-def write_done(run_dir: str | Path, config_hash: str, outputs: list[str]) -> None:
-    """The finished marker, written last and atomically: a folder with DONE.json holds every output."""
+def write_done(run_dir: str | Path, config_hash: str, outputs: list[str], **details) -> None:
+    """The finished marker, written last and atomically: a folder with DONE.json holds every output. `details`:
+    e.g. which validation point the outputs come from and why."""
     tmp = Path(run_dir) / (DONE + ".tmp")
     tmp.write_text(json.dumps({"config_hash": config_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "stages": read_timings(run_dir), "outputs": outputs}, indent=1))
+                               "stages": read_timings(run_dir), "outputs": outputs, **details}, indent=1))
     tmp.rename(Path(run_dir) / DONE)
 
 

@@ -36,6 +36,32 @@ class EvaluationSpec(Strict):
     floor_ceiling: bool = True
 
 
+VALIDATION_SCORES = ("clip_t", "clip_i", "dino")
+
+
+class ValidationSpec(EvaluationSpec):
+    """Validation while training (personalize/validation.py): a cheap evaluation of the weights in memory every
+    `every` steps and after the last, on the first `prompt_count` prompts of the set with `samples` seeds each.
+    With `selection: best` the run exports the point that scored highest on `objective` (a weighted sum of raw
+    scores); the best `keep` points' weights are kept on disk until the run ends."""
+
+    every: int = Field(ge=1)
+    prompt_count: int = Field(default=4, ge=1)
+    samples: int = Field(default=1, ge=1)
+    floor_ceiling: bool = False
+    selection: Literal["last", "best"] = "last"
+    objective: dict[Literal["clip_t", "clip_i", "dino"], float] = {"clip_t": 1.0, "clip_i": 1.0}
+    keep: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _usable(self) -> ValidationSpec:
+        if self.tto:
+            raise ValueError("validation samples the weights being trained: tto is for the final evaluation only")
+        if not self.objective or not any(w > 0 for w in self.objective.values()):
+            raise ValueError("validation.objective needs at least one positive weight, e.g. {clip_i: 1.0}")
+        return self
+
+
 class SubjectSpec(Strict):
     super_category: str = Field(min_length=1)
 
@@ -91,6 +117,7 @@ class RunSettings(Strict):
     checkpoint_every: int = Field(default=0, ge=0)
     latent_variants: int = Field(default=16, ge=1)  # augmented copies of each photo, encoded once (see data.py)
     samples: SampleSpec = SampleSpec()
+    validation: ValidationSpec | None = None
 
 
 class ConceptRuns(RunSettings):
@@ -142,6 +169,9 @@ class RunSpec(RunSettings):
             "method": {"evaluation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
                        "test_time": RECORD_ONLY},
             "concept": {"holdout": True}})
+        # validation changes what a run exports only when it picks the best point
+        if payload["validation"] is None or payload["validation"]["selection"] == "last":
+            del payload["validation"]
         for stage in payload["method"]["stages"] + ([payload["method"]["test_time"]] if payload["method"]["test_time"] else []):
             for key, default in HASHED_WHEN_SET.items():
                 if stage.get(key) == default:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from personalize.config import (
     apply_overrides,
@@ -33,6 +33,10 @@ class ResourceSpec(Strict):
     data_actors: int = Field(default=1, ge=1)  # Ray Data actor pool size (latents, class priors, sampling, scoring)
 
 
+INHERITED_BY_VALIDATION = ("prompts", "clip", "dino", "scheduler", "steps", "guidance_scale", "eta", "text_mode",
+                           "exclude_tags")
+
+
 class BatchConfig(ConceptRuns):
     """The concept x method grid of `personalize batch`: the shared run settings, plus per-method overrides,
     storage, evaluation, resources and tracking."""
@@ -44,6 +48,15 @@ class BatchConfig(ConceptRuns):
     evaluation: EvaluationSpec | None = EvaluationSpec()
     resources: ResourceSpec = ResourceSpec()
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _validation_scores_like_the_evaluation(self) -> BatchConfig:
+        """Validation settings the batch leaves unset (scorers, prompt set, sampler) are the evaluation's."""
+        if self.validation is not None and self.evaluation is not None:
+            inherited = {k: getattr(self.evaluation, k) for k in INHERITED_BY_VALIDATION
+                         if k not in self.validation.model_fields_set}
+            self.validation = self.validation.model_copy(update=inherited)
+        return self
 
     def experiment(self, method: str, output_dir: str, cache_dir: str) -> ExperimentConfig:
         return ExperimentConfig(
@@ -73,6 +86,9 @@ def load_batch(path: str | Path, cli_overrides: list[str] | None = None) -> tupl
     if config.evaluation is not None:  # so are scorer folders
         config.evaluation = config.evaluation.model_copy(update={
             "clip": resolve_model(config.evaluation.clip, path.parent), "dino": resolve_model(config.evaluation.dino, path.parent)})
+    if config.validation is not None:
+        config.validation = config.validation.model_copy(update={
+            "clip": resolve_model(config.validation.clip, path.parent), "dino": resolve_model(config.validation.dino, path.parent)})
     return config, path.parent
 
 

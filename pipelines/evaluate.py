@@ -19,19 +19,15 @@ from PIL import Image
 
 from personalize.devices import resolve_device
 from personalize.evaluation import (
-    EvalRow,
     RunEvaluation,
-    Scorers,
     add_identity_bounds,
-    eval_rows,
     finished_evaluation,
-    protocol,
     read_spec,
-    scorers_on,
     write_evaluation,
 )
 from personalize.identity import has_identity_bounds
 from personalize.run_settings import EvaluationSpec, RunSpec
+from personalize.scoring import EvalRow, Scorers, eval_rows, protocol, scorers_on
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ def model_problems(model: str) -> list[str]:
     return problems
 
 
-def scorer_problems(evaluation) -> list[str]:
+def scorer_problems(evaluation, section: str = "evaluation") -> list[str]:
     """Scorer folders named by path must exist (names without a path are model ids, loaded where they run)."""
     if evaluation is None:
         return []
@@ -75,8 +75,8 @@ def scorer_problems(evaluation) -> list[str]:
     for key in ("clip", "dino"):
         value = getattr(evaluation, key)
         if value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
-            problems.append(f"evaluation.{key} {value}: no such folder; point it at the scorer's folder, or set "
-                            "evaluation: null to skip evaluation")
+            problems.append(f"{section}.{key} {value}: no such folder; point it at the scorer's folder, or set "
+                            f"{section}: null to skip {section}")
     return problems
 
 
@@ -145,7 +145,7 @@ def tracking_problems(tracking) -> list[str]:
 
 def check_batch_resources(config, source: str) -> None:
     """Every problem of the batch's own resources at once, as a ConfigError (exit 2, nothing started)."""
-    problems = model_problems(config.model) + scorer_problems(config.evaluation) + storage_problems(config.storage) \
-        + tracking_problems(config.tracking)
+    problems = model_problems(config.model) + scorer_problems(config.evaluation) \
+        + scorer_problems(config.validation, "validation") + storage_problems(config.storage) + tracking_problems(config.tracking)
     if problems:
         raise ConfigError(source, problems)

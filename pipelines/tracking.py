@@ -151,9 +151,17 @@ class RunTracker:
         self.log_metrics({f"stage_seconds/{stage.name}": seconds}, index)
         self.flush()
 
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        """`val/*` over steps, and the point's sample grid as an artifact as soon as it exists."""
+        self.log_metrics(metrics, step)
+        self.flush()
+        if grid is not None:
+            self.client.log_artifact(self.run_id, str(grid), "validation")
+
     def finish(self, run_dir: Path, status: str, reason: str = "") -> None:
         self.flush()
         for pattern, folder in (("*.safetensors", "learned"), (RESOLVED_CONFIG, "config"), ("losses.csv", "logs"),
+                                ("validation.csv", "logs"),
                                 ("samples.png", "samples"), ("placeholders.json", "learned")):
             for path in Path(run_dir).glob(pattern):
                 if path.name != "instance_latents.safetensors":

@@ -83,7 +83,7 @@ class StageReports:
     def measure(self, ctx, index: int, stage) -> None:
         if self.trial is None:
             return
-        from personalize.evaluation import evaluate_in_training
+        from personalize.scoring import evaluate_in_training
 
         m = evaluate_in_training(ctx, self.trial.stage_eval, self.scorers, self.trial.stage_eval_prompts)
         self.measured = {"phase": "stage", "concept_index": self.position, "clip_t": m["clip_t"], "clip_i": m["clip_i"],
@@ -92,6 +92,17 @@ class StageReports:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
+
+    def validated(self, step: int, metrics: dict[str, float], grid: Path | None) -> None:
+        """A validation point to the tracker and to Ray Train (every rank reports; rank 0 with the scores). In a
+        sweep the point carries the trial's objective, so that ASHA can stop a trial between validation points."""
+        report = {"phase": "validation", "step": step, "concept_index": self.position, **metrics}
+        if metrics and self.trial is not None:
+            scores = {k: metrics[f"val/{k}"] for k in ("clip_t", "clip_i", "dino")}
+            report.update(scores, objective=objective(scores, self.trial.weights))
+        ray.train.report(report)
+        if self.tracker is not None and metrics:
+            self.tracker.validated(step, metrics, grid)
 
     def stage_finished(self, index: int, stage, checkpoint: Path, seconds: float) -> None:
         metrics = {**self.measured, "stage_index": index, f"stage_seconds/{stage.name}": seconds}
@@ -160,7 +171,7 @@ def _scorers(trial: TrialEvaluation | None):
         return None
     import torch
 
-    from personalize.evaluation import Scorers
+    from personalize.scoring import Scorers
 
     return Scorers(trial.stage_eval.clip, trial.stage_eval.dino, "cuda" if torch.cuda.is_available() else "cpu")
 

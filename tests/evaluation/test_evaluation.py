@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from personalize.cli import main
-from personalize.evaluation import aggregate, clip_text, eval_rows
 from personalize.loop import run_method
 from personalize.run_settings import EvaluationSpec
 from personalize.sampling import LoadedRun, generate
+from personalize.scoring import aggregate, clip_text, eval_rows
 
 
 def test_clip_text_removes_or_replaces_the_placeholder_exactly():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import personalize.evaluation as evaluation
-from personalize.evaluation import Scorers, evaluate_run, leave_one_out_mean
+from personalize.evaluation import evaluate_run
 from personalize.identity import (
     IDENTITY_SCORES,
     MIN_IDENTITY_RANGE,
@@ -22,6 +22,7 @@ from personalize.loop import run_method
 from personalize.metrics import pairwise_mean
 from personalize.report import write_comparison
 from personalize.run_settings import EvaluationSpec
+from personalize.scoring import Scorers, leave_one_out_mean
 from tests.conftest import draw_concept
 
 NEW_KEYS = ["clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm"]

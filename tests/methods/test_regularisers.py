@@ -179,8 +179,9 @@ def test_test_time_optimisation_works_on_other_methods_with_a_placeholder(spec_f
 
 
 def test_evaluation_with_test_time_optimisation_tunes_each_prompt_and_restores_the_embedding(spec_for, tiny_model):
-    from personalize.evaluation import RunSampler, eval_rows, protocol, settings_key
+    from personalize.evaluation import RunSampler, settings_key
     from personalize.run_settings import EvaluationSpec
+    from personalize.scoring import eval_rows, protocol
 
     spec = spec_for("core")
     run_method(spec, components=load_components(str(tiny_model)), progress=False)
