@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import matplotlib
@@ -59,14 +58,14 @@ def main() -> None:
     rows = {}
     for selection in ("last", "best"):
         spec = resolve_runs(experiment(work, concept, args.steps, args.every, selection))[0]
-        began = time.perf_counter()
-        outcome = run_method(spec, progress=True)
-        wall = time.perf_counter() - began
+        run_method(spec, progress=True)  # a finished run is found, not retrained
         done = json.loads((spec.run_dir / "DONE.json").read_text())
-        metrics = evaluate_run(spec.run_dir, evaluation, progress=True).metrics
-        rows[selection] = {"spec": spec, "done": done, "metrics": metrics, "wall": wall, "train": outcome.seconds}
+        metrics = evaluate_run(spec.run_dir, evaluation, progress=True).metrics  # likewise its evaluation
+        rows[selection] = {"spec": spec, "done": done, "metrics": metrics,
+                           "seconds": sum(t["seconds"] for t in done["stages"].values())}
     points = read_points(rows["best"]["spec"].run_dir)
     write_curve(points, rows["best"]["done"]["selection"], docs / "validation-curve.png", args.concept)
+    write_montage(rows["best"]["spec"].run_dir / "validation", docs / "validation-samples.png")
     write_table(rows, points, docs / "validation.md", args)
     print((docs / "validation.md").read_text())
 
@@ -87,22 +86,39 @@ def write_curve(points, selection: dict, path: Path, concept: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_montage(grids: Path, path: Path) -> None:
+    """Every point's sample grid side by side, labelled with its step."""
+    from PIL import Image, ImageDraw
+
+    images = [(int(p.stem.split("-")[1]), Image.open(p).convert("RGB")) for p in sorted(grids.glob("step-*.png"))]
+    width, height = images[0][1].size
+    sheet = Image.new("RGB", (width * len(images), height + 14), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (step, image) in enumerate(images):
+        sheet.paste(image, (i * width, 14))
+        draw.text((i * width + 2, 1), str(step), fill="black")
+    sheet.save(path)
+
+
 def write_table(rows: dict, points, path: Path, args) -> None:
     best = rows["best"]
+    weights = best["done"]["selection"]["objective_weights"]
+    names = " + ".join(f"{w:g} x {k}" for k, w in weights.items())
     lines = [
         f"# Validation and the best checkpoint (`python bench/validation.py --steps {args.steps} --every {args.every} "
         f"--concept {args.concept}`)", "",
         f"Chosen: {best['done']['selection']['reason']}.", "",
-        "| exported weights | step | CLIP-T | CLIP-I | identity encoder | CLIP-I normalised | identity normalised |",
-        "|---|---|---|---|---|---|---|"]
+        f"| exported weights | step | CLIP-T | CLIP-I | identity encoder | objective ({names}) | CLIP-I normalised | "
+        "identity normalised |", "|---|---|---|---|---|---|---|---|"]
     for selection, row in rows.items():
         m = row["metrics"]
+        score = sum(w * m[k] for k, w in weights.items())
         lines.append(f"| {selection} | {row['done']['selection']['step']} | {m['clip_t']:.4f} | {m['clip_i']:.4f} | "
-                     f"{m['dino']:.4f} | {m['clip_i_norm']:.3f} | {m['dino_norm']:.3f} |")
-    overhead = best["done"]["validation_seconds"]
+                     f"{m['dino']:.4f} | {score:.4f} | {m['clip_i_norm']:.3f} | {m['dino_norm']:.3f} |")
+    overhead, total = best["done"]["validation_seconds"], best["seconds"]
     lines += ["", f"Validation: {len(points)} points of 4 prompts x 1 seed at 10 DDIM steps took {overhead:.1f} s "
-              f"of the run's {best['wall']:.0f} s ({100 * overhead / best['wall']:.0f} %; training alone "
-              f"{best['train'] - overhead:.0f} s). Full evaluation: 12 prompts x 2 seeds, 20 DDIM steps.", ""]
+              f"of the run's {total:.0f} s ({100 * overhead / total:.1f} %). Full evaluation: 12 prompts x 2 seeds, "
+              "20 DDIM steps.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -17,7 +17,7 @@ from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
 from personalize.locations import CONFIG_ROOT
 from personalize.method_spec import MethodSpec, NormLockSpec, StageSpec
-from personalize.run_settings import ConceptSpec, ExperimentConfig, RunSpec
+from personalize.run_settings import ConceptSpec, ExperimentConfig, RunSpec, ValidationSpec
 from personalize.scaling import RecipeScale, load_recipe_scale, scale_recipe
 
 
@@ -88,7 +88,9 @@ def apply_overrides(data: dict, overrides: dict[str, Any], source: str) -> dict:
         node = data
         keys = path.split(".")
         try:
-            for key in keys[:-1]:
+            for depth, key in enumerate(keys[:-1]):
+                if depth > 0 and keys[depth - 1] == "losses" and isinstance(node.get(key), (int, float)):
+                    node[key] = {"weight": node[key]}  # a loss given as its weight alone gains a parameter
                 node = _child(node, key, create=True)
             last = keys[-1]
             if isinstance(node, list):
@@ -222,6 +224,7 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
     elif base_dir is not None:
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
     fingerprint = local_model_fingerprint(model)
+    validation = validation_with_protocol(experiment.validation, method)
     runs = []
     for concept in concepts:
         runs.append(
@@ -230,10 +233,28 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
                 model_fingerprint=fingerprint,
                 method=method,
                 concept=concept,
-                **experiment.model_dump(exclude={"model", "method", "concepts", "overrides", "steps_scale"}),
+                validation=validation,
+                **experiment.model_dump(exclude={"model", "method", "concepts", "overrides", "steps_scale", "validation"}),
             )
         )
     return runs
+
+
+def validation_with_protocol(validation: ValidationSpec | None, method: MethodSpec) -> ValidationSpec | None:
+    """The run's validation with what it leaves unset (every, selection, objective) from the method's protocol."""
+    if validation is None:
+        return None
+    protocol, given = method.validation, validation.model_fields_set
+    update = {}
+    if protocol is not None:
+        total = sum(s.steps for s in method.stages)
+        update = {"every": max(1, round(total * protocol.every_fraction)), "selection": protocol.selection,
+                  "objective": protocol.objective}
+        update = {k: v for k, v in update.items() if k not in given}
+    elif validation.every is None:
+        raise ConfigError("validation", [f"validation.every is unset and {method.name} has no validation protocol: "
+                                          "give validation.every (a point every N steps)"])
+    return validation.model_copy(update=update)
 
 
 def _resolve_concept(concept: ConceptSpec, base_dir: Path) -> ConceptSpec:

@@ -91,7 +91,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                disable=not progress or rank > 0, initial=start, total=stage.steps, leave=False)
     with attention_hooks(ctx.components.unet, capture, spec.method.attention.detach_start_token) as store, \
             gradient_checkpointing(ctx, trainable, enabled=spec.gradient_checkpointing and capture is None):
-        engine = StepEngine(ctx, needs, store, prompts, stage.context_prompts)
+        engine = StepEngine(ctx, needs, store, prompts, stage.context_prompts, stage.noise_offset)
         readback = DeferredReadback(ctx.device)
 
         def report(step: int, values: list[float]) -> None:

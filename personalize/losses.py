@@ -78,6 +78,14 @@ class DiffusionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: Literal["instance", "all"] = "instance"
     reduction: Literal["mean", "channel_sum"] = "mean"
+    min_snr_gamma: float | None = Field(default=None, gt=0)  # Hang et al. 2023: each sample weighted by min(SNR, gamma)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, as diffusers' training scripts apply them): min(SNR, gamma) / SNR
+    for an epsilon target, min(SNR, gamma) / (SNR + 1) for a v target (whose MSE is (SNR + 1) times epsilon's)."""
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
 @register(
@@ -86,10 +94,13 @@ class DiffusionParams(BaseModel):
     lambda p: Needs(prediction=True),
     "epsilon/v-prediction MSE; per-sample masked mean (Custom Diffusion's random-rescale mask), then batch mean. "
     "samples: instance (DreamBooth-style separate prior term) or all (Custom Diffusion's one shared loss); "
-    "reduction: mean, or channel_sum (the released CD/DisenDiff code: channels summed, C times the mean).",
+    "reduction: mean, or channel_sum (the released CD/DisenDiff code: channels summed, C times the mean); "
+    "min_snr_gamma: weight each sample by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction).",
 )
 def diffusion_loss(rec: StepRecord, p: DiffusionParams) -> torch.Tensor:
     per_sample = _per_sample_mse(rec.model_pred, rec.target, rec.loss_mask, p.reduction)
+    if p.min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(rec.snr, p.min_snr_gamma, rec.prediction_type)
     if p.samples == "instance":
         per_sample = per_sample[~rec.is_prior]
     return per_sample.mean() if per_sample.numel() else rec.model_pred.sum() * 0.0

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 RECORD_ONLY = {"model_lr_scale", "model_steps_scale"}  # stage fields that record how numbers came about
 # stage fields added after runs were finished: hashed only when set otherwise, so those runs keep their hash
-HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant"}
+HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant", "noise_offset": 0.0}
 
 
 class Strict(BaseModel):
@@ -73,6 +73,8 @@ class StageSpec(Strict):
     max_grad_norm: float | None = Field(default=None, gt=0)
     optimizer: str = "adamw"  # a name in personalize/optim.py OPTIMIZERS
     lr_schedule: str = "constant"  # a name in personalize/optim.py SCHEDULES (constant after warmup, cosine)
+    # noise + offset x N(0, 1) per (sample, channel): lets the model learn darker or brighter images than average
+    noise_offset: float = Field(default=0.0, ge=0)
     losses: dict[str, LossSpec] = Field(min_length=1)
     use_class_prior: bool = False
     embedding_norm_lock: NormLockSpec | None = None
@@ -164,6 +166,15 @@ class EvalProtocol(Strict):
     eta: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class ValidationProtocol(Strict):
+    """How the method's paper picks a checkpoint, used where a run's `validation` leaves it open: a point every
+    `every_fraction` of the run's steps (so it follows the stages' lengths), the rule and the objective."""
+
+    every_fraction: float = Field(gt=0, le=1)
+    selection: Literal["last", "best"] = "best"
+    objective: dict[Literal["clip_t", "clip_i", "dino"], float] = {"clip_i": 1.0}
+
+
 class MethodSpec(Strict):
     name: str
     paper: str = ""
@@ -175,6 +186,7 @@ class MethodSpec(Strict):
     context_prompts: str | None = None
     attention: AttentionSpec = AttentionSpec()
     evaluation: EvalProtocol = EvalProtocol()
+    validation: ValidationProtocol | None = None
     stages: list[StageSpec] = Field(min_length=1)
     test_time: StageSpec | None = None
 

@@ -45,7 +45,7 @@ class ValidationSpec(EvaluationSpec):
     With `selection: best` the run exports the point that scored highest on `objective` (a weighted sum of raw
     scores); the best `keep` points' weights are kept on disk until the run ends."""
 
-    every: int = Field(ge=1)
+    every: int | None = Field(default=None, ge=1)  # unset: the method's protocol (validation: in its YAML)
     prompt_count: int = Field(default=4, ge=1)
     samples: int = Field(default=1, ge=1)
     floor_ceiling: bool = False
@@ -157,6 +157,12 @@ class RunSpec(RunSettings):
     # replaced at the same path never passes for the one a finished run was trained on
     model_fingerprint: str | None = None
 
+    @model_validator(mode="after")
+    def _validation_resolved(self) -> RunSpec:
+        if self.validation is not None and self.validation.every is None:
+            raise ValueError("validation.every is unset: give it, or use a method with a validation protocol")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.concept.id / self.method.name
@@ -166,7 +172,7 @@ class RunSpec(RunSettings):
         payload = self.model_dump(mode="json", exclude={
             "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
             "checkpoint_every": True, "gradient_checkpointing": True,
-            "method": {"evaluation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
+            "method": {"evaluation": True, "validation": True, "summary": True, "paper": True, "stages": {"__all__": RECORD_ONLY},
                        "test_time": RECORD_ONLY},
             "concept": {"holdout": True}})
         # validation changes what a run exports only when it picks the best point

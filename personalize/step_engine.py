@@ -22,8 +22,9 @@ from personalize.tokens import find_roles, tokenize
 
 class StepEngine:
     def __init__(self, ctx: RunContext, needs: Needs, store: AttentionStore | None, prompt_override: list[str] | None = None,
-                 context_prompts: list[str] | None = None):
+                 context_prompts: list[str] | None = None, noise_offset: float = 0.0):
         self.ctx = ctx
+        self.noise_offset = noise_offset
         self.needs = needs
         self.store = store
         self.prompt_override = prompt_override
@@ -62,14 +63,20 @@ class StepEngine:
         device = ctx.device
         prompts = self._prompts(batch, gen)
         latents = batch.latents.to(device)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        if self.noise_offset:  # drawn after the timesteps, so a run without it draws exactly what it drew before
+            noise = noise + self.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = comps.noise_scheduler.add_noise(latents, noise, timesteps)
+        alpha_bar = comps.noise_scheduler.alphas_cumprod.to(device)[timesteps].float()
         with self.autocast():
             ids = tokenize(comps.tokenizer, prompts)
             rec = StepRecord(
                 timesteps=timesteps,
                 is_prior=batch.is_prior.to(device),
+                snr=alpha_bar / (1 - alpha_bar),
+                prediction_type=comps.noise_scheduler.config.prediction_type,
                 tokens=find_roles(ids, ctx.placeholders, ctx.class_ids).to(device),
                 loss_mask=batch.masks.to(device) if batch.masks is not None else None,
             )

@@ -65,6 +65,8 @@ class StepRecord:
     timesteps: torch.Tensor
     is_prior: torch.Tensor  # (B,) bool
     tokens: TokenRoles
+    snr: torch.Tensor | None = None  # (B,) signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon or v_prediction
     model_pred: torch.Tensor | None = None
     target: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None  # (B, 1, h, w), 1 where the loss counts

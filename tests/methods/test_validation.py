@@ -118,3 +118,14 @@ def test_settings_and_objective():
         ValidationSpec(every=10, objective={"clip_t": 0.0})
     with pytest.raises(ValueError):
         ValidationSpec(every=0)
+
+
+def test_a_run_leaving_validation_open_follows_the_methods_protocol(spec_for):
+    from personalize.errors import ConfigError
+
+    rare = spec_for("rare_two_stage", stage_overrides={"steps": 8}, validation={"prompt_count": 1})  # 16 steps in all
+    assert (rare.validation.every, rare.validation.selection, rare.validation.objective) == (4, "best", {"clip_i": 1.0})
+    own = spec_for("rare_two_stage", stage_overrides={"steps": 8}, validation={"every": 5, "selection": "last"})
+    assert (own.validation.every, own.validation.selection) == (5, "last")  # what the run says wins
+    with pytest.raises(ConfigError, match="give validation.every"):
+        spec_for("dreambooth", validation={"prompt_count": 1})

@@ -40,25 +40,30 @@ def sweep_file(folder: Path, batch: str, **extra) -> str:
     return str(path)
 
 
-def base_batch(folder: Path, tiny_model, scorers, tracking=None) -> str:
+def base_batch(folder: Path, tiny_model, scorers, tracking=None, **extra) -> str:
     concept = [{"id": "ball", "images": str(draw_concept(folder / "ball", n=3)), "super_category": "ball"}]
     return batch_file(folder, tiny_model, scorers, folder / "store", concept, methods=["rare_two_stage"],
                       evaluation={"prompts": "personalize_eval", "samples": 1, "steps": 1, "clip": str(scorers[0]), "dino": str(scorers[1])},
                       tracking=tracking or {"enabled": False},
-                      method_overrides={"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}})
+                      method_overrides={"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}}, **extra)
 
 
-def test_asha_sweep_stops_trials_between_stages_and_exports_a_runnable_best_config(local_ray, tiny_model, tiny_scorers, tmp_path):
+def test_asha_sweep_stops_trials_on_validation_and_exports_a_runnable_best_config(local_ray, tiny_model, tiny_scorers, tmp_path):
+    """Validation every step: a trial reports at steps 1, 2, the stage end, steps 3, 4, the stage end and its final
+    evaluation (7 reports); ASHA's rungs at 1, 2 and 4 reports fall on validation points."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    batch = base_batch(tmp_path, tiny_model, tiny_scorers, {"enabled": True, "uri": uri, "experiment": "sweeps"})
+    batch = base_batch(tmp_path, tiny_model, tiny_scorers, {"enabled": True, "uri": uri, "experiment": "sweeps"},
+                       validation={"every": 1, "prompt_count": 1, "steps": 1})
     assert sweep_main([sweep_file(tmp_path, batch)]) == 0
     out = tmp_path / "store" / "sweeps" / "tiny-sweep"
     trials = read_table(out / "trials.csv")
     assert len(trials) == 4 and set(trials["status"]) <= {"finished", "stopped"}
     stopped = trials[trials["status"] == "stopped"]
-    assert len(stopped) >= 1 and (stopped["reports"] < 3).all()  # stopped at a stage boundary, before the end
+    assert len(stopped) >= 1 and (stopped["reports"] < 7).all() and set(stopped["phase"]) == {"validation"}
+    finished = trials[trials["status"] == "finished"]
+    assert (finished["reports"] == 7).all()
     for trial_id in stopped["trial_id"]:  # stopped trials leave no checkpoints behind
         assert not (tmp_path / "store" / "trials" / trial_id / "runs").exists()
     assert (out / "pareto.png").stat().st_size > 5000

@@ -41,3 +41,28 @@ def test_a_manifests_bad_rows_fail_only_their_concepts(tmp_path):
     (tmp_path / "concepts.yaml").write_text(yaml.safe_dump({"concepts": rows[1:3]}))
     with pytest.raises(ConfigError, match="concept odd: kind"):  # nothing good left: the batch is refused
         split_manifest(config, tmp_path)
+
+
+def test_validation_takes_the_evaluations_scorers_and_sampler_unless_it_names_its_own(tmp_path):
+    (tmp_path / "clip").mkdir()
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "m", "methods": ["dreambooth"], "concepts": "c.yaml",
+        "evaluation": {"prompts": "world_eval", "clip": "./clip", "dino": "dino-id", "steps": 20, "guidance_scale": 5.0},
+        "validation": {"every": 50, "steps": 10}}))
+    config, _ = load_batch(path)
+    v = config.validation
+    assert (v.prompts, v.clip, v.dino, v.guidance_scale) == ("world_eval", str(tmp_path / "clip"), "dino-id", 5.0)
+    assert (v.steps, v.samples, v.every, v.selection) == (10, 1, 50, "last")  # its own, and its defaults
+
+
+def test_a_missing_validation_scorer_is_refused_before_anything_starts(tmp_path, tiny_model):
+    from pipelines.config import BatchConfig
+    from pipelines.preflight import check_batch_resources
+
+    config = BatchConfig(model=str(tiny_model), methods=["dreambooth"], concepts="c.yaml", evaluation=None,
+                         storage=str(tmp_path / "store"), tracking={"enabled": False},
+                         validation={"every": 5, "clip": str(tmp_path / "nowhere"), "dino": "dino-id"})
+    with pytest.raises(ConfigError) as e:
+        check_batch_resources(config, "batch.yaml")
+    assert any(p.startswith("validation.clip") and "no such folder" in p and "validation: null" in p for p in e.value.problems)

@@ -21,6 +21,7 @@ from personalize.losses import (
     disendiff_binding,
     disendiff_separation,
     gaussian_kernel,
+    min_snr_weights,
     minmax_normalize,
     prior_preservation_loss,
     smooth,
@@ -64,6 +65,23 @@ def test_diffusion_over_instances_only_and_prior_term_over_priors_only():
     assert diffusion_loss(rec, DiffusionParams(samples="instance")).item() == pytest.approx(1.0)
     assert diffusion_loss(rec, DiffusionParams(samples="all")).item() == pytest.approx(5.0)
     assert prior_preservation_loss(rec, NoParams()).item() == pytest.approx(9.0)
+
+
+def test_min_snr_weights_for_epsilon_and_v_targets():
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    assert min_snr_weights(snr, 5.0, "epsilon").tolist() == pytest.approx([1.0, 1.0, 0.25])  # min(snr, 5) / snr
+    assert min_snr_weights(snr, 5.0, "v_prediction").tolist() == pytest.approx([0.5 / 1.5, 5 / 6, 5 / 21])  # / (snr + 1)
+
+
+def test_diffusion_loss_with_min_snr_weights_each_sample_before_the_mean():
+    target = torch.zeros(2, 1, 1, 1)
+    pred = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # squared errors 1 and 4
+    rec = record(model_pred=pred, target=target, snr=torch.tensor([2.0, 10.0]))
+    # gamma 5: weights 1 (SNR 2 < 5) and 0.5 (5 / 10): (1 * 1 + 4 * 0.5) / 2
+    assert diffusion_loss(rec, DiffusionParams(min_snr_gamma=5.0)).item() == pytest.approx(1.5)
+    rec.prediction_type = "v_prediction"  # weights 2 / 3 and 5 / 11
+    assert diffusion_loss(rec, DiffusionParams(min_snr_gamma=5.0)).item() == pytest.approx((2 / 3 + 4 * 5 / 11) / 2)
+    assert diffusion_loss(rec, DiffusionParams()).item() == pytest.approx(2.5)  # unset: unweighted
 
 
 # ---------------------------------------------------------------------------------------------- AttnDreamBooth
