@@ -32,7 +32,7 @@ from personalize.run_context import RunContext
 from personalize.run_settings import RunSpec
 from personalize.stage_hooks import build_hooks, hooks_state
 from personalize.step_engine import StepEngine
-from personalize.validation import Validator, due
+from personalize.validation import Schedule, Validator
 
 
 class Sink(Protocol):
@@ -66,7 +66,7 @@ class StageResult:
 
 
 def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,
-              global_step: int, progress: bool = True, validator: Validator | None = None) -> StageResult:
+              global_step: int, progress: bool = True, validator: Schedule | None = None) -> StageResult:
     spec = ctx.spec
     trainable = set_trainable(ctx.models, stage.trainable)
     names = list(trainable)
@@ -122,7 +122,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                     hook.after_update(step + 1)
                 readback.push(step, sums)
                 done = step + 1
-                if validator is not None and due(validator.settings, global_step + done, validator.total_steps):
+                if validator is not None and validator.due(global_step + done):
                     readback.flush(report)  # weights are validated only once their step's loss was seen to be finite
                     validate(ctx, validator, sink, global_step + done, stage.name, rank)
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
@@ -137,7 +137,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)
 
 
-def validate(ctx: RunContext, validator: Validator, sink: Sink, step: int, stage: str, rank: int) -> None:
+def validate(ctx: RunContext, validator: Schedule, sink: Sink, step: int, stage: str, rank: int) -> None:
     """One validation point, measured on rank 0 (the others wait at the next gradient average)."""
     if rank > 0:
         sink.validated(step, {}, None)
@@ -282,12 +282,12 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     return finished
 
 
-def validator_for(ctx: RunContext, scorers, resumed_at: int | None) -> Validator | None:
-    """Rank 0's validator (other ranks only count the points); scorers loaded from the settings if not given."""
+def validator_for(ctx: RunContext, scorers, resumed_at: int | None) -> Schedule:
+    """Rank 0's validator (other ranks only know when points fall); scorers loaded from the settings if not given."""
     settings = ctx.spec.validation
     total = sum(s.steps for s in ctx.spec.method.stages)
     if not is_main():
-        return Validator.counting(settings, total)
+        return Schedule(settings, total)
     if scorers is None:
         from personalize.scoring import scorers_on
 

@@ -17,7 +17,7 @@ from personalize.images import list_image_files, load_concept_images, load_masks
 from personalize.metrics import SCALE, ClipScorer, DinoScorer, apply_mask, pairwise_mean, per_row_mean
 from personalize.prompts import load_prompt_set
 from personalize.run_settings import ConceptSpec, EvaluationSpec, RunSpec
-from personalize.sampling import generate
+from personalize.sampling import build_pipeline, generate
 
 
 @dataclass
@@ -176,8 +176,6 @@ def sample_and_score(ctx, settings: EvaluationSpec, scorers: Scorers, max_prompt
     if max_prompts is not None:
         rows = [r for r in rows if r.prompt_index < max_prompts]
     sampling = protocol(ctx.spec, settings)
-    from personalize.sampling import build_pipeline
-
     images = generate(build_pipeline(ctx.components, sampling["scheduler"]), [r.prompt for r in rows], [r.seed for r in rows],
                       ctx.spec.resolution, sampling["steps"], sampling["guidance_scale"], settings.batch_size, sampling["eta"])
     return aggregate(scorers.score(images, rows, scorers.reference(ctx.spec)), settings.exclude_tags), images, rows

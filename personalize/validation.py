@@ -69,15 +69,27 @@ def point_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_root(run_dir) / f"step-{step:06d}"
 
 
-def due(settings: ValidationSpec, step: int, total_steps: int) -> bool:
-    return step % settings.every == 0 or step == total_steps
+@dataclass
+class Schedule:
+    """When a run's validation points fall: every `every` steps (counted across stages) and after the last step."""
+
+    settings: ValidationSpec
+    total_steps: int
+
+    def due(self, step: int) -> bool:
+        return step % self.settings.every == 0 or step == self.total_steps
+
+    def points(self) -> int:
+        return self.total_steps // self.settings.every + (1 if self.total_steps % self.settings.every else 0)
 
 
-class Validator:
-    """The validation points of one run; a resumed run keeps the points up to where it resumed."""
+class Validator(Schedule):
+    """The validation points of one run (on rank 0; other ranks hold only the Schedule); a resumed run keeps the
+    points up to where it resumed."""
 
     def __init__(self, ctx, settings: ValidationSpec, scorers, resumed_at: int | None, total_steps: int):
-        self.ctx, self.settings, self.scorers, self.total_steps = ctx, settings, scorers, total_steps
+        super().__init__(settings, total_steps)
+        self.ctx, self.scorers = ctx, scorers
         self.run_dir = ctx.run_dir
         self.points = [p for p in read_points(self.run_dir) if resumed_at is not None and p.step <= resumed_at]
         self._rewrite()
@@ -91,13 +103,6 @@ class Validator:
             else:
                 shutil.rmtree(folder)
         (self.run_dir / GRIDS).mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def counting(cls, settings: ValidationSpec, total_steps: int) -> Validator:
-        """A rank other than 0's: knows when a point is due, measures and records nothing."""
-        validator = cls.__new__(cls)
-        validator.settings, validator.total_steps = settings, total_steps
-        return validator
 
     def _rewrite(self) -> None:
         with (self.run_dir / CSV).open("w", newline="") as f:

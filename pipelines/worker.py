@@ -22,7 +22,8 @@ from personalize.errors import ConceptError, ConfigError, RunStateError
 from personalize.method_spec import Strict
 from personalize.plugins import load_plugins
 from personalize.run_folder import DONE, FAILED, write_failed
-from personalize.run_settings import EvaluationSpec, RunSpec
+from personalize.run_settings import VALIDATION_SCORES, EvaluationSpec, RunSpec
+from personalize.validation import objective  # the weighted sum a scheduler ranks trials by, as validation does
 
 log = logging.getLogger(__name__)
 BAD_INPUT = (ConceptError, ConfigError, RunStateError)
@@ -44,11 +45,6 @@ class WorkerTask(Strict):
     storage: str
     tracking: dict | None = None  # RunTracker settings; None: no MLflow
     trial: TrialEvaluation | None = None  # set for a sweep's trial
-
-
-def objective(metrics: dict, weights: dict[str, float]) -> float:
-    """The scalar a scheduler ranks trials by: the weighted sum of evaluation scores."""
-    return float(sum(w * metrics[k] for k, w in weights.items()))
 
 
 def checkpoint_name(spec: RunSpec, folder: Path) -> str:
@@ -98,7 +94,7 @@ class StageReports:
         sweep the point carries the trial's objective, so that ASHA can stop a trial between validation points."""
         report = {"phase": "validation", "step": step, "concept_index": self.position, **metrics}
         if metrics and self.trial is not None:
-            scores = {k: metrics[f"val/{k}"] for k in ("clip_t", "clip_i", "dino")}
+            scores = {k: metrics[f"val/{k}"] for k in VALIDATION_SCORES}
             report.update(scores, objective=objective(scores, self.trial.weights))
         ray.train.report(report)
         if self.tracker is not None and metrics:

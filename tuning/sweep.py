@@ -36,11 +36,10 @@ def domain(spec: dict):
 
 def reports_per_trial(specs) -> int:
     """Stage boundaries and validation points of every concept plus the final evaluation: ASHA's time axis."""
-    from personalize.validation import due
+    from personalize.validation import Schedule
 
     def points(spec) -> int:
-        total = sum(stage.steps for stage in spec.method.stages)
-        return sum(due(spec.validation, step, total) for step in range(1, total + 1)) if spec.validation else 0
+        return Schedule(spec.validation, sum(s.steps for s in spec.method.stages)).points() if spec.validation else 0
 
     return sum(len(s.method.stages) + points(s) for s in specs) + 1
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from personalize.loop import NullSink, run_method
 from personalize.run_settings import ValidationSpec
-from personalize.validation import best_point, checkpoints_root, objective, read_points
+from personalize.validation import Schedule, best_point, checkpoints_root, objective, read_points
 
 STEPS = 6
 
@@ -112,6 +112,9 @@ def test_a_resumed_run_keeps_its_points_and_adds_the_rest(spec_for, tiny_model, 
 
 def test_settings_and_objective():
     assert objective({"clip_t": 0.3, "clip_i": 0.5, "dino": 0.1}, {"clip_i": 2.0, "dino": -1.0}) == pytest.approx(0.9)
+    for every, total, steps in ((2, 6, [2, 4, 6]), (4, 6, [4, 6]), (7, 6, [6]), (1, 3, [1, 2, 3])):
+        schedule = Schedule(ValidationSpec(every=every), total)
+        assert [s for s in range(1, total + 1) if schedule.due(s)] == steps and schedule.points() == len(steps)
     with pytest.raises(ValueError, match="tto is for the final evaluation only"):
         ValidationSpec(every=10, tto=True)
     with pytest.raises(ValueError, match="at least one positive weight"):
