@@ -18,7 +18,6 @@ from pathlib import Path
 
 from personalize import checkpoint as ckpt
 from personalize.run_settings import VALIDATION_SCORES, ValidationSpec
-from personalize.scoring import sample_and_score
 
 CSV = "validation.csv"
 GRIDS = "validation"
@@ -112,7 +111,8 @@ class Validator(Schedule):
 
     def validate(self, step: int, stage: str, learned: dict) -> tuple[Point, Path]:
         """Sample, score and record one point; keep its weights if it may still be chosen."""
-        from personalize.sampling import image_grid
+        from personalize.sampling import image_grid  # diffusers: loaded where validation runs, not where it is planned
+        from personalize.scoring import sample_and_score
 
         began = time.perf_counter()
         scores, images, rows = sample_and_score(self.ctx, self.settings, self.scorers, self.settings.prompt_count)

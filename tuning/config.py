@@ -44,6 +44,9 @@ class ObjectiveSpec(Strict):
 class BudgetSpec(Strict):
     time_budget_s: float | None = Field(default=None, gt=0)  # the whole sweep
     trial_timeout_s: float = Field(default=1800, gt=0)  # a trial still running after this is failed
+    # once a trial has reported, a silence longer than this fails it as hung (None: only trial_timeout_s applies);
+    # set it above the longest stage (or validation interval) of a trial
+    report_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class SweepConfig(Strict):
@@ -85,6 +88,7 @@ class TrialSettings(Strict):
     stage_eval_prompts: int = Field(ge=1)
     weights: dict[str, float]
     trial_timeout_s: float = Field(gt=0)
+    report_timeout_s: float | None = Field(default=None, gt=0)
     env: dict[str, str] = {}  # forwarded to the trial's Train workers (no credentials: see pipelines/cluster.py)
     scaling: dict[str, Any]  # Ray Train ScalingConfig arguments
     tracking: dict | None = None  # RunTracker settings of the sweep's parent run

@@ -73,15 +73,21 @@ def reached_final(metrics: dict) -> bool:
     return metrics.get("phase") == "final"
 
 
+def remove_trial_runs(root, sweep_name: str, trial_id: str) -> None:
+    """A stopped trial leaves no checkpoints behind, here or in the bucket (its results stay)."""
+    root.remove_tree(f"trials/{trial_id}/runs")
+    root.remove_tree(f"ray/{sweep_name}-{trial_id}")
+
+
 def cleanup_callback(root, sweep_name: str):
-    """Stopped trials leave no checkpoints behind, here or in the bucket (their results stay)."""
+    """Frees a stopped trial's space as soon as Tune stops it. Its Train worker ends with the trial's process, a
+    moment later, and may still write a file meanwhile: the sweep removes stopped trials' runs once more at its end."""
     from ray.tune import Callback
 
     class CleanupStopped(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if not reached_final(trial.last_result):
-                root.remove_tree(f"trials/{trial.trial_id}/runs")
-                root.remove_tree(f"ray/{sweep_name}-{trial.trial_id}")
+                remove_trial_runs(root, sweep_name, trial.trial_id)
 
     return CleanupStopped()
 
@@ -146,7 +152,8 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
     settings = TrialSettings(
         name=sweep.name, batch=batch, base_dir=str(base_dir), stage_eval=stage_eval, final_eval=batch.evaluation,
         stage_eval_prompts=sweep.stage_eval_prompts, weights=dict(sweep.objective.weights),
-        trial_timeout_s=sweep.budget.trial_timeout_s, env=forwarded_env(),
+        trial_timeout_s=sweep.budget.trial_timeout_s,
+        report_timeout_s=sweep.budget.report_timeout_s, env=forwarded_env(),
         scaling={"num_workers": 1, "use_gpu": cap.use_gpu,
                  "resources_per_worker": {"CPU": batch.resources.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}},
         tracking=tracker.worker_settings() if tracker else None,
@@ -168,6 +175,8 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
                                       callbacks=[cleanup_callback(root, sweep.name)]))
     grid = tuner.fit()
     frame = trials_frame(grid, root)
+    for trial_id in frame.loc[frame["status"] == "stopped", "trial_id"]:
+        remove_trial_runs(root, sweep.name, trial_id)
     return write_results(sweep, batch, base_dir, frame, root, tracker, time.perf_counter() - began)
 
 
@@ -177,14 +186,15 @@ def trials_frame(grid, root) -> pd.DataFrame:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[-1]
         root.pull_file(f"trials/{trial_id}/{TIMED_OUT}")  # written where the trial ran
-        timed_out = root.local("trials", trial_id, TIMED_OUT).is_file()
+        note = root.local("trials", trial_id, TIMED_OUT)
+        timed_out = note.is_file()
         iterations = metrics.get("training_iteration", 0)
         status = "timed out" if timed_out else "error" if result.error else "finished" if reached_final(metrics) else "stopped"
         overrides = (result.config or {}).get("overrides", {})
         rows.append({"trial_id": trial_id, "status": status, "reports": iterations, "phase": metrics.get("phase"),
                      "clip_t": metrics.get("clip_t"), "clip_i": metrics.get("clip_i"), "dino": metrics.get("dino"),
                      "objective": metrics.get("objective"), "overrides": json.dumps(overrides, sort_keys=True),
-                     "error": str(result.error)[:500] if result.error else ""})
+                     "error": note.read_text().strip() if timed_out else str(result.error)[:500] if result.error else ""})
     return pd.DataFrame(rows)
 
 

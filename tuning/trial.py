@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -45,7 +46,41 @@ class ForwardReports(UserCallback):
         self.queue.put(dict(metrics[0]))
 
 
-def fit_and_forward(trainer_for, poll_s: float = 0.5) -> None:
+class Watchdog:
+    """Ends a trial that runs past its limit, or that has reported and then goes silent for too long (hung)."""
+
+    def __init__(self, on_expiry, limit_s: float, report_limit_s: float | None = None, check_s: float = 1.0):
+        self.on_expiry, self.limit_s, self.report_limit_s, self.check_s = on_expiry, limit_s, report_limit_s, check_s
+        self.started = self.last_report = None
+        self.stopped = threading.Event()
+
+    def start(self) -> Watchdog:
+        self.started = time.monotonic()
+        threading.Thread(target=self._watch, name="trial-watchdog", daemon=True).start()
+        return self
+
+    def reported(self) -> None:
+        self.last_report = time.monotonic()
+
+    def cancel(self) -> None:
+        self.stopped.set()
+
+    def expired(self, now: float) -> str | None:
+        if now - self.started > self.limit_s:
+            return f"the trial ran longer than {self.limit_s:.0f} s and was stopped"
+        if self.report_limit_s is not None and self.last_report is not None and now - self.last_report > self.report_limit_s:
+            return f"the trial reported nothing for {self.report_limit_s:.0f} s (hung) and was stopped"
+        return None
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.check_s):
+            reason = self.expired(time.monotonic())
+            if reason is not None:
+                self.on_expiry(reason)
+                return
+
+
+def fit_and_forward(trainer_for, watchdog: Watchdog | None = None, poll_s: float = 0.5) -> None:
     """Fit the trainer on a helper thread; report its results to Tune from this (the trial's) thread, in order,
     including any that arrive as the fit ends. A failed fit is raised here after its results are reported."""
     from ray.util.queue import Empty, Queue
@@ -64,6 +99,8 @@ def fit_and_forward(trainer_for, poll_s: float = 0.5) -> None:
     while True:
         try:
             ray.tune.report(results.get(timeout=poll_s))
+            if watchdog is not None:
+                watchdog.reported()
             continue
         except Empty:
             pass
@@ -75,7 +112,7 @@ def fit_and_forward(trainer_for, poll_s: float = 0.5) -> None:
 
 
 def trial(config: dict) -> None:
-    """The Tune trainable: a TorchTrainer for this trial's overrides, guarded by a wall-clock limit."""
+    """The Tune trainable: a TorchTrainer for this trial's overrides, guarded by its watchdog."""
     from pipelines.storage import StorageRoot
     from pipelines.worker import TrialEvaluation, WorkerTask, train_loop_per_worker
 
@@ -83,9 +120,8 @@ def trial(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     specs = trial_specs(settings, overrides, trial_id)
     root = StorageRoot(settings.batch.storage)
-    watchdog = threading.Timer(settings.trial_timeout_s, _give_up, args=(root, trial_id, settings.trial_timeout_s))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = Watchdog(lambda reason: _give_up(root, trial_id, reason), settings.trial_timeout_s,
+                        settings.report_timeout_s).start()
     storage_path, filesystem = root.ray_storage()
     task = WorkerTask(specs=specs, storage=settings.batch.storage, tracking=settings.tracking, trial=TrialEvaluation(
         trial_id=trial_id, stage_eval=settings.stage_eval, final_eval=settings.final_eval,
@@ -102,25 +138,25 @@ def trial(config: dict) -> None:
         )
 
     try:
-        fit_and_forward(trainer_for)
+        fit_and_forward(trainer_for, watchdog)
     finally:
         watchdog.cancel()
 
 
-def _give_up(root, trial_id: str, limit: float) -> None:
-    """The trial has run past its limit: leave a note and end its process (its Train actors share its fate)."""
+def _give_up(root, trial_id: str, reason: str) -> None:
+    """The trial has run past a limit: leave a note and end its process (its Train actors share its fate)."""
     try:
-        leave_timeout_note(root, trial_id, limit)
+        leave_timeout_note(root, trial_id, reason)
     except Exception:  # the note is a courtesy: the trial ends either way
         log.exception("could not store the time-out note of trial %s", trial_id)
-    log.error("trial exceeded %.0f s; stopping it", limit)
+    log.error("trial %s: %s", trial_id, reason)
     os._exit(3)
 
 
-def leave_timeout_note(root, trial_id: str, limit: float) -> None:
+def leave_timeout_note(root, trial_id: str, reason: str) -> None:
     """The note the sweep's driver reads to tell a timed-out trial from a failed one, stored in the storage root
     (with an s3 root the driver may run on another machine)."""
     rel = f"trials/{trial_id}/{TIMED_OUT}"
     root.local(rel).parent.mkdir(parents=True, exist_ok=True)
-    root.local(rel).write_text(f"the trial ran longer than {limit:.0f} s and was stopped\n")
+    root.local(rel).write_text(reason + "\n")
     root.push_file(rel)

@@ -177,7 +177,7 @@ def test_a_sweep_on_s3_stores_its_time_out_notes_and_removes_stopped_trials_from
 
     monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "worker"))
     worker = StorageRoot("s3://personalize/sweeps-root")
-    leave_timeout_note(worker, "t1", 60)
+    leave_timeout_note(worker, "t1", "the trial ran longer than 60 s and was stopped")
     for rel in ("trials/t1/runs/blob/ti/DONE.json", "ray/sweep-t1/checkpoint/state.json", "trials/t2/runs/blob/ti/DONE.json"):
         worker.local(rel).parent.mkdir(parents=True, exist_ok=True)
         worker.local(rel).write_text("{}")

@@ -1,6 +1,7 @@
 """Sweeps with Ray Tune on the tiny model: ASHA stops trials at stage boundaries, the best configuration
 runs, MLflow has one child per trial, Optuna's two-objective Pareto set is right, an interrupted sweep resumes
-without redoing finished trials, a hanging trial is failed instead of waited on, and repeated sweeps all end."""
+without redoing finished trials and a hanging trial is failed instead of
+waited on while the other trial (after the session's other sweeps on the same Ray) finishes."""
 
 import json
 import os
@@ -20,7 +21,6 @@ from tuning.sweep import main as sweep_main
 from tuning.sweep import pareto
 
 pytestmark = [pytest.mark.slow]
-REPEATS = int(os.environ.get("PERSONALIZE_SWEEP_REPEATS", "1"))  # the session's other sweeps share its Ray; raise it to hunt for a hang
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -123,28 +123,16 @@ def test_optuna_pareto_and_resume_of_an_interrupted_sweep(local_ray, tiny_model,
 
 
 def test_a_hanging_trial_is_failed_not_waited_on(local_ray, tiny_model, tiny_scorers, tmp_path, monkeypatch):
-    monkeypatch.setenv("PERSONALIZE_INJECT_HANG", "token:1")
+    """The trial of 3 model steps hangs at its third, after its first report; its silence outlasts report_timeout_s
+    and it is failed, while the other trial (after the session's other sweeps on the same Ray) finishes."""
+    monkeypatch.setenv("PERSONALIZE_INJECT_HANG", "model:2")
     batch = base_batch(tmp_path, tiny_model, tiny_scorers)
-    config = sweep_file(tmp_path, batch, name="hang-sweep", space={"stages.token.steps": {"grid": [1, 2]}},
-                        scheduler={"type": "none"}, budget={"trial_timeout_s": 40})
+    config = sweep_file(tmp_path, batch, name="hang-sweep", space={"stages.model.steps": {"grid": [2, 3]}},
+                        scheduler={"type": "none"}, budget={"trial_timeout_s": 600, "report_timeout_s": 45})
     began = time.time()
     assert sweep_main([config]) == 0  # the trial without the hang still finishes
-    assert time.time() - began < 600
+    assert time.time() - began < 400
     trials = read_table(tmp_path / "store" / "sweeps" / "hang-sweep" / "trials.csv")
-    statuses = dict(zip(trials["overrides"].map(lambda o: json.loads(o)["stages.token.steps"]), trials["status"]))
-    assert statuses == {1: "finished", 2: "timed out"}
-
-
-def test_every_trial_ends_across_repeated_tiny_sweeps(local_ray, tiny_model, tiny_scorers, tmp_path):
-    """The tiny sweep after the session's other sweeps on the same Ray (whose stopped trials must have given
-    their CPUs back), and again with PERSONALIZE_SWEEP_REPEATS: every trial reaches its final report, each sweep
-    well inside its budget."""
-    batch = base_batch(tmp_path, tiny_model, tiny_scorers)
-    for repeat in range(REPEATS):
-        config = sweep_file(tmp_path, batch, name=f"repeat-{repeat}", space={"stages.token.steps": {"grid": [1, 2]}},
-                            scheduler={"type": "none"}, budget={"time_budget_s": 600, "trial_timeout_s": 300})
-        began = time.time()
-        assert sweep_main([config]) == 0
-        assert time.time() - began < 300, f"repeat {repeat} took {time.time() - began:.0f} s"
-        trials = read_table(tmp_path / "store" / "sweeps" / f"repeat-{repeat}" / "trials.csv")
-        assert len(trials) == 2 and (trials["status"] == "finished").all(), trials.to_string()
+    by_steps = trials.set_index(trials["overrides"].map(lambda o: json.loads(o)["stages.model.steps"]))
+    assert by_steps["status"].to_dict() == {2: "finished", 3: "timed out"}
+    assert by_steps.loc[3, "reports"] >= 1 and "reported nothing for 45 s" in by_steps.loc[3, "error"]

@@ -31,3 +31,28 @@ def test_method_keys_go_to_the_tuned_method_and_the_rest_to_the_batch():
 def test_a_sampled_value_out_of_range_names_its_key():
     with pytest.raises(ConfigError, match="resolution"):
         settings().trial_batch({"resolution": 4})
+
+
+def test_the_watchdog_fails_a_trial_past_its_limit_or_silent_after_a_report():
+    from tuning.trial import Watchdog
+
+    dog = Watchdog(on_expiry=None, limit_s=100, report_limit_s=10)
+    dog.started = 0.0
+    assert dog.expired(50.0) is None  # silent since its start: only the whole limit applies before a first report
+    dog.last_report = 45.0
+    assert dog.expired(54.0) is None
+    assert "reported nothing for 10 s" in dog.expired(56.0)
+    dog.last_report = 95.0
+    assert "longer than 100 s" in dog.expired(101.0)
+
+
+def test_the_watchdog_thread_calls_back_once_with_the_reason():
+    import threading
+
+    from tuning.trial import Watchdog
+
+    reasons, fired = [], threading.Event()
+    dog = Watchdog(lambda reason: (reasons.append(reason), fired.set()), limit_s=0.2, check_s=0.05).start()
+    assert fired.wait(5)
+    dog.cancel()
+    assert len(reasons) == 1 and "longer than 0 s" in reasons[0]
