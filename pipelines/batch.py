@@ -87,6 +87,21 @@ def run_batch(config: BatchConfig, base_dir: Path, tracker=None) -> int:
 
 
 def execute_batch(plan: BatchPlan, tracker=None) -> int:
+    """Runs the plan; if it breaks part-way, Ray's worker logs are still copied under the storage root."""
+    from pipelines.ray_logs import WorkerLogs
+    from pipelines.storage import StorageRoot
+
+    worker_logs = WorkerLogs()
+    try:
+        return _execute(plan, tracker, worker_logs)
+    except Exception:
+        logs = worker_logs.save(StorageRoot(plan.config.storage))
+        if logs is not None:
+            print(f"Ray's worker logs: {logs}", flush=True)
+        raise
+
+
+def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     from personalize.models import resolve_model_path
     from pipelines.evaluate import evaluate_runs
     from pipelines.prepare import encode_latents, generate_priors, validate_concepts
@@ -103,6 +118,7 @@ def execute_batch(plan: BatchPlan, tracker=None) -> int:
         log.error("skipping concept %s: %s", label, redact(reason))
     print(f"{len(specs)} runs ({len({s.concept.id for s in specs})} concepts x {len(config.methods)} methods); "
           f"storage {root.uri()}; {connect()}", flush=True)
+    worker_logs.start()
     quiet_ray_data()
     cap = capacity()
     res = config.resources
@@ -141,10 +157,13 @@ def execute_batch(plan: BatchPlan, tracker=None) -> int:
         if (concept_dir / FLOOR_FOLDER).is_dir():
             root.push(root.relative(concept_dir / FLOOR_FOLDER))
     root.push("results")
+    logs = worker_logs.save(root)
     if tracker is not None:
-        tracker.batch_finished(frame, evaluations, paths, specs)
+        tracker.batch_finished(frame, evaluations, paths, specs, logs)
     print("\n" + to_markdown(frame))
     print(f"results: {paths['markdown']} and {paths['parquet']} ({time.perf_counter() - began:.0f} s)", flush=True)
+    if logs is not None:
+        print(f"Ray's worker logs: {logs}", flush=True)
     if eval_error:
         print(f"evaluation failed: {eval_error}\nthe trained runs are kept: fix the evaluation settings and "
               "resubmit, only the evaluation runs again", flush=True)

@@ -209,7 +209,7 @@ class BatchTracker:
     def child(self, spec):
         return child_run(self.client, self.experiment, self.parent, run_key(spec))
 
-    def batch_finished(self, frame, evaluations: dict, paths: dict, specs: list) -> None:
+    def batch_finished(self, frame, evaluations: dict, paths: dict, specs: list, logs: Path | None = None) -> None:
         by_dir = {str(s.run_dir): s for s in specs}
         best: dict[str, tuple[float, str, str]] = {}
         for row in frame.itertuples():
@@ -242,6 +242,8 @@ class BatchTracker:
         comparison = Path(next(iter(paths.values()))).parent / "comparison"
         if comparison.is_dir():
             self.client.log_artifacts(self.parent, str(comparison), "comparison")
+        if logs is not None:
+            self.client.log_artifacts(self.parent, str(logs), "logs")
         self.client.set_terminated(self.parent, status="FINISHED")
 
     def _log_evaluation(self, run_id: str, evaluation) -> None:

@@ -18,6 +18,7 @@ from personalize.errors import PersonalizeError
 from pipelines.command import config_parser, run_command
 from pipelines.preflight import check_batch_resources
 from tuning.config import SweepConfig, TrialSettings, load_sweep
+from tuning.progress import progress_callback
 from tuning.trial import TIMED_OUT, trial
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,16 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
     from ray import tune
 
     from pipelines.batch import quiet_ray_data
-    from pipelines.cluster import capacity, connect, forwarded_env
+    from pipelines.cluster import capacity, connect, forwarded_env, verbose
     from pipelines.config import resolve_batch
+    from pipelines.ray_logs import WorkerLogs
     from pipelines.storage import StorageRoot
 
     began = time.perf_counter()
     root = StorageRoot(batch.storage)
     print(f"sweep {sweep.name}: {connect()}", flush=True)
+    worker_logs = WorkerLogs()
+    worker_logs.start()
     quiet_ray_data()
     cap = capacity()
     specs = resolve_batch(batch, base_dir, str(root.local("trials", "_", "runs")), str(root.local("cache")))
@@ -172,12 +176,13 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
             search_alg=search, scheduler=scheduler(sweep, total), num_samples=sweep.search.samples,
             max_concurrent_trials=sweep.search.max_concurrent, time_budget_s=sweep.budget.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[cleanup_callback(root, sweep.name)]))
+                                      callbacks=[cleanup_callback(root, sweep.name), progress_callback()],
+                                      verbose=None if verbose() else 0))  # Tune's own trial table with -v
     grid = tuner.fit()
     frame = trials_frame(grid, root)
     for trial_id in frame.loc[frame["status"] == "stopped", "trial_id"]:
         remove_trial_runs(root, sweep.name, trial_id)
-    return write_results(sweep, batch, base_dir, frame, root, tracker, time.perf_counter() - began)
+    return write_results(sweep, batch, base_dir, frame, root, tracker, time.perf_counter() - began, worker_logs.save(root))
 
 
 def trials_frame(grid, root) -> pd.DataFrame:
@@ -198,7 +203,8 @@ def trials_frame(grid, root) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_results(sweep: SweepConfig, batch, base_dir: Path, frame: pd.DataFrame, root, tracker, seconds: float) -> int:
+def write_results(sweep: SweepConfig, batch, base_dir: Path, frame: pd.DataFrame, root, tracker, seconds: float,
+                  logs: Path | None = None) -> int:
     out = root.local("sweeps", sweep.name)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "trials.csv", index=False)
@@ -215,11 +221,13 @@ def write_results(sweep: SweepConfig, batch, base_dir: Path, frame: pd.DataFrame
         paths["best"] = out / "best_experiment.yaml"
     root.push(f"sweeps/{sweep.name}")
     if tracker is not None:
-        tracker.sweep_finished(frame, paths)
+        tracker.sweep_finished(frame, paths, logs)
     print(frame[["trial_id", "status", "reports", "clip_t", "dino", "objective", "overrides"]].to_string(index=False))
     if best is not None:
         print(f"\nbest trial {best['trial_id']}: {best['overrides']}\nready to run: personalize train {paths['best']}")
     print(f"sweep finished in {seconds / 60:.1f} min; results in {out}", flush=True)
+    if logs is not None:
+        print(f"Ray's worker logs: {logs}", flush=True)
     return 0 if best is not None else 1
 
 

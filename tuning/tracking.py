@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from pathlib import Path
 
 from pipelines.redaction import redact
 from pipelines.tracking import BatchTracker, child_run
 
 
 class SweepTracker(BatchTracker):
-    def sweep_finished(self, frame, paths: dict) -> None:
+    def sweep_finished(self, frame, paths: dict, logs: Path | None = None) -> None:
         from mlflow.entities import Metric
 
         for row in frame.itertuples():
@@ -31,6 +32,8 @@ class SweepTracker(BatchTracker):
                 self.client.set_terminated(run.info.run_id, status=status)
         for path in paths.values():
             self.client.log_artifact(self.parent, str(path), "sweep")
+        if logs is not None:
+            self.client.log_artifacts(self.parent, str(logs), "logs")
         self.client.set_terminated(self.parent, status="FINISHED")
 
 

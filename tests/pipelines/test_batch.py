@@ -131,6 +131,23 @@ def test_models_are_registered_with_the_best_run_aliased_and_generate(tracked):
     assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (64, 64)
 
 
+def test_the_jobs_ray_worker_logs_are_kept_under_the_storage_root_and_in_mlflow(tracked):
+    from mlflow.tracking import MlflowClient
+
+    folders = sorted((tracked["store"] / "logs").iterdir())  # a later test's resubmission adds its own
+    assert "-job" in folders[0].name
+    files = sorted(folders[0].rglob("worker-*"))
+    texts = [f.read_text() for f in files]
+    assert files and all(":job_id:" in text for text in texts)
+    assert any(":actor_name:RayTrainWorker" in text for text in texts)  # the training workers' logs among them
+    assert {f.suffix for f in files} == {".out", ".err"}
+    assert FAKE_SECRET not in "".join(texts)
+    client = MlflowClient(tracked["uri"])
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("tracked").experiment_id]) if BATCH_KEY in r.data.tags][0]
+    logged = {a.path for node in client.list_artifacts(parent.info.run_id, "logs") for a in client.list_artifacts(parent.info.run_id, node.path)}
+    assert {f"logs/{f.parent.name}/{f.name}" for f in files} == logged
+
+
 def test_secrets_never_reach_mlflow_or_the_results(tracked):
     from mlflow.tracking import MlflowClient
 
@@ -154,7 +171,9 @@ def test_resubmitting_trains_nothing_again(tracked):
     frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
     runs = list(frame[frame["concept"] == "ball"]["run_dir"])
     before = {r: ((Path(r) / "losses.csv").read_text(), (Path(r) / "losses.csv").stat().st_mtime_ns) for r in runs}
+    logs_before = {p: p.read_text() for p in (tracked["store"] / "logs").rglob("*") if p.is_file()}
     assert main([tracked["config"]]) == 0
+    assert {p: p.read_text() for p in logs_before} == logs_before  # the first submission's logs stay as they were
     again = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
     assert list(again[again["concept"] == "ball"]["status"]) == ["skipped", "skipped"]
     assert {r: ((Path(r) / "losses.csv").read_text(), (Path(r) / "losses.csv").stat().st_mtime_ns) for r in runs} == before

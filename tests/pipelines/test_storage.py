@@ -162,6 +162,7 @@ def test_a_batch_on_s3_trusts_the_bucket_over_a_stale_local_copy(ray_with_s3, ti
     assert stored["config_hash"] != "0123456789abcdef"
     assert json.loads((local / "DONE.json").read_text()) == stored
     assert json.loads((local / "config.resolved.json").read_text())["model"] == str(tiny_model)
+    assert any(key.startswith("logs/") and "/worker-" in key for key, _ in storage.list_keys(root))  # Ray's logs, in the bucket
 
     before = {p: p.stat().st_mtime_ns for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert main([config]) == 0

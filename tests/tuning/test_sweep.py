@@ -82,6 +82,8 @@ def test_asha_sweep_stops_trials_on_validation_and_exports_a_runnable_best_confi
     parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 4
+    assert client.list_artifacts(parent[0].info.run_id, "logs")  # Ray's worker logs of the sweep, by node
+    assert list((tmp_path / "store" / "logs").glob("*/*/worker-*"))
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(trials["trial_id"])
     assert {r.data.tags["trial_status"] for r in children} == set(trials["status"])
     for child in children:  # the validation curve, over steps, and each point's sample grid
