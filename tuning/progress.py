@@ -7,6 +7,8 @@ import json
 import time
 from collections import Counter
 
+from ray.tune import Callback
+
 STATES = (("PENDING", "pending"), ("RUNNING", "running"), ("TERMINATED", "ended"), ("ERROR", "failed"))
 
 
@@ -23,20 +25,24 @@ def progress_line(trials, elapsed_s: float) -> str:
     return line
 
 
-def progress_callback(every_s: float = 20.0, clock=time.monotonic, out=print):
-    """A Tune callback printing progress_line at most every every_s seconds, and once when the sweep ends."""
-    from ray.tune import Callback
+class SweepProgress(Callback):
+    """Prints progress_line at most every every_s seconds, and once when the sweep ends. Tune pickles its callbacks
+    with the experiment's state: clock and out are looked up when called (None: the real ones)."""
 
-    class SweepProgress(Callback):
-        def __init__(self):
-            self.began = self.last = clock()
+    def __init__(self, every_s: float = 20.0, clock=None, out=None):
+        self.every_s, self.clock, self.out = every_s, clock, out
+        self.began = self.last = self.now()
 
-        def on_step_end(self, iteration, trials, **info):
-            if clock() - self.last >= every_s:
-                self.last = clock()
-                out(progress_line(trials, self.last - self.began), flush=True)
+    def now(self) -> float:
+        return (self.clock or time.monotonic)()
 
-        def on_experiment_end(self, trials, **info):
-            out(progress_line(trials, clock() - self.began), flush=True)
+    def say(self, text: str) -> None:
+        (self.out or print)(text, flush=True)
 
-    return SweepProgress()
+    def on_step_end(self, iteration, trials, **info):
+        if self.now() - self.last >= self.every_s:
+            self.last = self.now()
+            self.say(progress_line(trials, self.last - self.began))
+
+    def on_experiment_end(self, trials, **info):
+        self.say(progress_line(trials, self.now() - self.began))

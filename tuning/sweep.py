@@ -18,7 +18,7 @@ from personalize.errors import PersonalizeError
 from pipelines.command import config_parser, run_command
 from pipelines.preflight import check_batch_resources
 from tuning.config import SweepConfig, TrialSettings, load_sweep
-from tuning.progress import progress_callback
+from tuning.progress import SweepProgress
 from tuning.trial import TIMED_OUT, trial
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
             search_alg=search, scheduler=scheduler(sweep, total), num_samples=sweep.search.samples,
             max_concurrent_trials=sweep.search.max_concurrent, time_budget_s=sweep.budget.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[cleanup_callback(root, sweep.name), progress_callback()],
+                                      callbacks=[cleanup_callback(root, sweep.name), SweepProgress()],
                                       verbose=None if verbose() else 0))  # Tune's own trial table with -v
     grid = tuner.fit()
     frame = trials_frame(grid, root)

@@ -2,7 +2,9 @@
 
 from types import SimpleNamespace
 
-from tuning.progress import progress_callback, progress_line
+import pickle
+
+from tuning.progress import SweepProgress, progress_line
 
 
 def trial(status, trial_id, objective=None, overrides=None):
@@ -23,10 +25,14 @@ def test_the_line_counts_trials_by_state_and_names_the_best_so_far():
 
 def test_the_callback_prints_at_most_every_interval_and_at_the_end():
     now, printed = [0.0], []
-    callback = progress_callback(every_s=20, clock=lambda: now[0], out=lambda text, flush: printed.append(text))
+    callback = SweepProgress(every_s=20, clock=lambda: now[0], out=lambda text, flush: printed.append(text))
     for t in (5, 19, 21, 30, 42):
         now[0] = t
         callback.on_step_end(0, TRIALS)
     assert [line.split(":")[0] for line in printed] == ["sweep 0.3 min", "sweep 0.7 min"]  # at 21 s and 42 s
     callback.on_experiment_end(TRIALS)
     assert len(printed) == 3
+
+
+def test_the_callback_pickles_as_tune_stores_it():
+    assert pickle.loads(pickle.dumps(SweepProgress())).every_s == 20.0
