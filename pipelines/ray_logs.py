@@ -48,7 +48,7 @@ class WorkerLogs:
             except Exception as e:  # a node whose logs cannot be listed now: all of its files count as new
                 log.warning("could not list Ray's worker logs on node %s: %s", ip, e)
 
-    def collect(self, dest: Path, max_lines: int = MAX_LINES) -> list[Path]:
+    def collect(self, dest: Path, max_lines: int = MAX_LINES) -> list[Path]:  # after start()
         """Copy the new worker logs (stdout and stderr) of this job to dest/<node ip>/, credentials removed; returns
         the files written. A node that cannot be read is named in a warning and skipped."""
         from ray.util.state import get_log
@@ -57,7 +57,7 @@ class WorkerLogs:
         written = []
         for node_id, ip in live_nodes():
             try:
-                for name in sorted(worker_log_names(node_id) - (self.known or {}).get(node_id, set())):
+                for name in sorted(worker_log_names(node_id) - self.known.get(node_id, set())):
                     text = "".join(get_log(node_id=node_id, filename=name, tail=max_lines, errors="replace"))
                     if not is_ours(text, job_id):
                         continue
