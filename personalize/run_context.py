@@ -120,7 +120,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
     vae_dtype = next(components.vae.parameters()).dtype
     instances = cached_instance_bank(
         Path(spec.latent_cache_dir) if spec.latent_cache_dir else None,
-        instance_bank_key(spec, components),
+        instance_bank_key(spec, components.path),
         lambda: instance_bank(images, method.augmentation, spec.resolution, spec.latent_variants, components.vae,
                               spec.seed, device, vae_dtype),
     )
@@ -134,9 +134,9 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
                       subject_phrase(method, placeholders))
 
 
-def instance_bank_key(spec: RunSpec, components: SDComponents) -> str:
+def instance_bank_key(spec: RunSpec, model_path: Path) -> str:
     files = list_image_files(spec.concept.id, spec.concept.images)
-    return bank_key(model_fingerprint(components.path), files, spec.method.augmentation, spec.resolution,
+    return bank_key(model_fingerprint(model_path), files, spec.method.augmentation, spec.resolution,
                     spec.latent_variants, spec.seed)
 
 

@@ -1,7 +1,7 @@
 """`personalize batch CONFIG [overrides]` (also `python -m pipelines.batch`): the product's main job.
 
 prepare (Ray Data: validate images, encode latents, class priors) -> train (Ray Train, one TorchTrainer per
-concept x method run) -> evaluate (Ray Data: sampling actors, scoring actors) -> results table.
+concept x method run) -> evaluate (Ray Data: actors that sample and score each run) -> results table.
 
 Without a cluster it starts a local Ray in-process; under `ray job submit` (or with RAY_ADDRESS) it joins the
 cluster. Resubmitting the same config skips finished runs and resumes unfinished ones. Exits non-zero only
@@ -126,9 +126,11 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     bad = validate_concepts(specs)
     good = [s for s in specs if s.concept.id not in bad]
     if good:
-        encode_latents(good, config.model, actors, cap.use_gpu)
-        made = generate_priors(good, resolve_model_path(config.model), config.model, actors, cap.use_gpu, root)
-        print(f"prepared: {len(bad)} bad concept(s) skipped, {made} class-prior set(s) generated", flush=True)
+        model_path = resolve_model_path(config.model)
+        encoded = encode_latents(good, config.model, model_path, actors, cap.use_gpu)
+        made = generate_priors(good, model_path, config.model, actors, cap.use_gpu, root)
+        print(f"prepared: {len(bad)} bad concept(s) skipped, {encoded} instance latent set(s) encoded, "
+              f"{made} class-prior set(s) generated", flush=True)
     workers = max(1, res.gpus_per_run) if cap.use_gpu else 1
     scaling = {"num_workers": workers, "use_gpu": cap.use_gpu,
                "resources_per_worker": {"CPU": res.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}}

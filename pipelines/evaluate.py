@@ -1,8 +1,8 @@
-"""Evaluate finished runs with Ray Data: (run x prompt x seed) rows -> sampling actors that load each
-personalised pipeline once (one block per run) -> scoring actors (CLIP, DINO loaded once) -> per-run metrics.
+"""Evaluate finished runs with Ray Data: one row per run -> evaluation actors (CLIP and DINO loaded once each) that
+load the run's personalised pipeline, sample its (prompt x seed) rows and score them -> per-run metrics.
 
-Images travel inside the rows (PNG bytes), so the actors may sit on any node: a sampling actor pulls its run
-folder from an s3 storage root first. The aggregates and reports are written by
+The scored images come back inside the rows (PNG bytes), so the actors may sit on any node: an actor pulls its
+run folder from an s3 storage root first. The aggregates and reports are written by
 `personalize.evaluation.write_evaluation` on the driver, the same code as `personalize evaluate`."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from personalize.evaluation import (
 )
 from personalize.identity import has_identity_bounds
 from personalize.run_settings import EvaluationSpec, RunSpec
-from personalize.scoring import EvalRow, Scorers, eval_rows, protocol, scorers_on
+from personalize.scoring import Scorers, eval_rows, protocol, scorers_on
 
 log = logging.getLogger(__name__)
 
@@ -42,57 +42,45 @@ def from_png(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-class SampleRun:
-    """Actor: for each run in the batch, load its pipeline once and generate all of its rows."""
+class EvaluateRuns:
+    """Actor: CLIP and DINO loaded once; for each run it is handed, loads the run's pipeline, generates all of its rows
+    and scores them against the concept's real images. Sampling and scoring share the actor's process and device:
+    one model load and one set of imports per actor, and no image crosses the object store before it is scored."""
 
     def __init__(self, settings: str, storage: str | None = None, device: str = "auto"):
         self.settings = EvaluationSpec.model_validate_json(settings)
         self.storage = storage
         self.device = device
+        self.scorers = Scorers(self.settings.clip, self.settings.dino, str(resolve_device(device)))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = []
+        for run_dir in batch["run_dir"]:
+            images, scores = self.evaluate(run_dir)
+            for score, image in zip(scores, images):
+                out.append({"run_dir": run_dir, "scored": json.dumps(score), "image": png_bytes(image)})
+        return pd.DataFrame(out)
+
+    def evaluate(self, run_dir: str):
         from personalize.evaluation import RunSampler
         from personalize.run_folder import DONE
         from pipelines.storage import StorageRoot
 
-        out = []
-        for run_dir in batch["run_dir"]:
-            if self.storage is not None:  # this node may not have the run folder yet (a local root pulls nothing)
-                root = StorageRoot(self.storage)
-                root.pull(root.relative(Path(run_dir)), marker=DONE)
-            sampler = RunSampler(run_dir, self.device)
-            run = sampler.run
-            rows = eval_rows(run.spec, run.subject, run.placeholders.strings, self.settings)
-            images = sampler.generate(rows, protocol(run.spec, self.settings), self.settings.batch_size, tto=self.settings.tto)
-            for row, image in zip(rows, images):
-                out.append({"run_dir": run_dir, "spec": run.spec.model_dump_json(), "row": json.dumps(asdict(row)),
-                            "image": png_bytes(image)})
-            del sampler
-        return pd.DataFrame(out)
-
-
-class ScoreImages:
-    """Actor: CLIP and DINO loaded once; scores image rows against their concept's real images."""
-
-    def __init__(self, settings: str, device: str = "cpu"):
-        self.settings = EvaluationSpec.model_validate_json(settings)
-        self.scorers = Scorers(self.settings.clip, self.settings.dino, device)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        scored = []
-        for run_dir, group in batch.groupby("run_dir", sort=False):
-            spec = RunSpec.model_validate_json(group["spec"].iloc[0])
-            rows = [EvalRow(**json.loads(r)) for r in group["row"]]
-            images = [from_png(b) for b in group["image"]]
-            for s, data in zip(self.scorers.score(images, rows, self.scorers.reference(spec)), group["image"]):
-                scored.append({"run_dir": run_dir, "scored": json.dumps(s), "image": data})
-        return pd.DataFrame(scored)
+        if self.storage is not None:  # this node may not have the run folder yet (a local root pulls nothing)
+            root = StorageRoot(self.storage)
+            root.pull(root.relative(Path(run_dir)), marker=DONE)
+        sampler = RunSampler(run_dir, self.device)
+        run = sampler.run
+        rows = eval_rows(run.spec, run.subject, run.placeholders.strings, self.settings)
+        images = sampler.generate(rows, protocol(run.spec, self.settings), self.settings.batch_size, tto=self.settings.tto)
+        del sampler  # the run's pipeline, before the next run's is loaded
+        return images, self.scorers.score(images, rows, self.scorers.reference(run.spec))
 
 
 def evaluate_runs(specs: list[RunSpec], settings: EvaluationSpec, actors: int, use_gpu: bool,
                   storage: str | None = None) -> dict[str, RunEvaluation]:
     """Run dir -> evaluation for every given finished run (finished evaluations are reused). With an s3
-    `storage` root, the sampling actors pull the run folders they evaluate. The identity floor and ceiling are
+    `storage` root, the evaluation actors pull the run folders they evaluate. The identity floor and ceiling are
     added in the driver (`add_bounds`)."""
     results, todo = {}, []
     for spec in specs:
@@ -111,11 +99,9 @@ def sample_and_score(todo: list[str], settings: EvaluationSpec, actors: int, use
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     device = "cuda" if use_gpu else "cpu"
     ds = ray.data.from_items([{"run_dir": r} for r in todo]).repartition(len(todo))
-    sampled = ds.map_batches(SampleRun, fn_constructor_kwargs={"settings": settings.model_dump_json(), "storage": storage,
-                                                               "device": device},
-                             batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
-    scored = sampled.map_batches(ScoreImages, fn_constructor_kwargs={"settings": settings.model_dump_json(), "device": device},
-                                 batch_size=64, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **resources)
+    scored = ds.map_batches(EvaluateRuns, fn_constructor_kwargs={"settings": settings.model_dump_json(), "storage": storage,
+                                                                 "device": device},
+                            batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     by_run: dict[str, list[tuple[dict, bytes]]] = {}
     for row in scored.take_all():
         by_run.setdefault(row["run_dir"], []).append((json.loads(row["scored"]), row["image"]))

@@ -66,7 +66,7 @@ class LatentEncoder:
         keys = []
         for spec_json in batch["spec"]:
             spec = RunSpec.model_validate_json(spec_json)
-            key = instance_bank_key(spec, self.components)
+            key = instance_bank_key(spec, self.components.path)
             cached_instance_bank(Path(spec.latent_cache_dir), key, partial(self.encode, spec))
             keys.append(key)
         return pd.DataFrame({"key": keys})
@@ -113,13 +113,34 @@ def actor_resources(use_gpu: bool) -> dict:
     return {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
 
 
-def encode_latents(specs: list[RunSpec], model: str, actors: int, use_gpu: bool) -> None:
-    todo = list({s.concept.id + s.method.augmentation: s for s in specs}.values())
+def latents_to_encode(specs: list[RunSpec], model_path: Path) -> list[RunSpec]:
+    """One run per instance bank the batch still lacks: a finished run needs none, nor does one whose folder holds
+    another configuration's run (it fails without training), and a cached bank is not encoded again, so a
+    resubmitted batch starts no encoding actor at all. (A run that trains without its bank encodes it itself.)"""
+    from personalize.run_context import instance_bank_key
+    from personalize.run_folder import owner, read_done
+
+    todo = {}
+    for spec in specs:
+        holder = owner(spec.run_dir)
+        if holder is not None and (holder != spec.config_hash() or read_done(spec.run_dir) is not None):
+            continue
+        key = instance_bank_key(spec, model_path)
+        if spec.latent_cache_dir and (Path(spec.latent_cache_dir) / f"{key}.safetensors").is_file():
+            continue
+        todo.setdefault(key, spec)
+    return list(todo.values())
+
+
+def encode_latents(specs: list[RunSpec], model: str, model_path: Path, actors: int, use_gpu: bool) -> int:
+    """Encode every instance bank the batch lacks on an actor pool; returns how many were encoded."""
+    todo = latents_to_encode(specs, model_path)
     if not todo:
-        return
+        return 0
     ds = ray.data.from_items([{"spec": s.model_dump_json()} for s in todo])
     ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model": model}, batch_size=1, batch_format="pandas",
                    compute=ray.data.ActorPoolStrategy(size=actors), **actor_resources(use_gpu)).take_all()
+    return len(todo)
 
 
 def generate_priors(specs: list[RunSpec], model_path: Path, model: str, actors: int, use_gpu: bool, root=None,
