@@ -175,10 +175,13 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
 def quiet_ray_data() -> None:
     import ray.data
 
+    from pipelines.cluster import verbose
+
+    # first the level: turning the bars off is itself announced as a warning
+    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose() else logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _root_cause(error: Exception) -> str:

@@ -42,16 +42,21 @@ def connect(num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_SECONDS)
     env = {"env_vars": forwarded_env()}
+    # Ray's own notices ("Started a local Ray instance", ...) only with -v: the line returned here says it
+    level = logging.INFO if verbose() else logging.WARNING
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(runtime_env=env, log_to_driver=verbose())
+        ray.init(runtime_env=env, log_to_driver=verbose(), logging_level=level)
         return f"joined the cluster at {os.environ.get('RAY_ADDRESS', 'the job cluster')}"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every Ray listener on 127.0.0.1
+    if not verbose():  # a local Ray turns on token authentication (kept) and says so each time (not shown)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cpus = num_cpus or max(4, os.cpu_count() or 2)  # logical CPUs: drivers and actors mostly wait
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs: without it the
     # CPUs of a trainer whose controller was killed (a trial stopped by ASHA) are never given back.
     port = free_port()
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
-             log_to_driver=verbose(), _node_ip_address="127.0.0.1", object_store_memory=512 * 1024 * 1024)
+             log_to_driver=verbose(), logging_level=level, _node_ip_address="127.0.0.1",
+             object_store_memory=512 * 1024 * 1024)
     from pipelines.reaper import start_watcher
 
     session = ray._private.worker._global_node.get_session_dir_path()

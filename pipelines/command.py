@@ -42,6 +42,7 @@ def run_command(work: Callable[[], int], verbose: bool = False) -> int:
     else:
         quiet_libraries()  # the driver loads models too (identity floors, the registry)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported: no database set-up notes
     setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

@@ -13,6 +13,7 @@ import io
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -70,11 +71,29 @@ def signature(run_dir: Path):
     )
 
 
+@contextmanager
+def registration_notices_off():
+    """MLflow prints each registration ("Successfully registered model ...", "Created version ...") to stderr, a
+    few lines per run: shown with -v only (the batch logs the versions itself)."""
+    from mlflow.utils import logging_utils
+
+    from pipelines.cluster import verbose
+
+    shown = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    if not verbose():
+        logging_utils.disable_logging()
+    try:
+        yield
+    finally:
+        logging_utils.MLFLOW_LOGGING_STREAM.enabled = shown
+
+
 def log_personalized_model(run_id: str, run_dir: Path, registered_name: str) -> str:
     """Log the pyfunc into the child run and register it; returns the new model version."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings(), \
+            registration_notices_off():
         # the signature is stated; an input example would make MLflow load the model and generate to check it
         warnings.filterwarnings("ignore", message=r".*An input example was not provided")  # MLflow colours it
         folder = learned_folder(Path(run_dir), Path(tmp) / "run")

@@ -235,8 +235,10 @@ class BatchTracker:
                     name = registered_name(self.name, spec.concept.id)
                     if spec.concept.id not in best or value > best[spec.concept.id][0]:
                         best[spec.concept.id] = (value, name, version)
-        for _, name, version in best.values():
+        for value, name, version in best.values():
             self.client.set_registered_model_alias(name, self.spec.alias, version)
+            log.info("MLflow model %s: version %s (best %s %.4f) is %r", name, version, self.spec.best_metric, value,
+                     self.spec.alias)
         for path in paths.values():
             self.client.log_artifact(self.parent, str(path), "results")
         comparison = Path(next(iter(paths.values()))).parent / "comparison"
