@@ -62,6 +62,14 @@ def method_needs(spec: RunSpec) -> Needs:
     return needs
 
 
+def check_class_words(spec: RunSpec, tokenizer) -> None:
+    """A method that locates the class token needs each super-category to be one CLIP token: ConceptError if not.
+    Needs only the tokenizer, so a batch refuses such a run before any worker or GPU is given to it."""
+    if method_needs(spec).single_token_class:
+        for subject in spec.concept.subjects:
+            single_token_id(tokenizer, subject.super_category, spec.concept.id)
+
+
 def _place_models(components: SDComponents, spec: RunSpec, device: torch.device, dtype: torch.dtype | None) -> None:
     """Everything on the device in the compute dtype, except the parameters some stage trains: those stay fp32
     (as loaded), so training updates full-precision weights and nothing else is ever written."""

@@ -104,7 +104,8 @@ def execute_batch(plan: BatchPlan, tracker=None) -> int:
 def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     from personalize.models import resolve_model_path
     from pipelines.evaluate import evaluate_runs
-    from pipelines.prepare import encode_latents, generate_priors, validate_concepts
+    from personalize.outcome import RunOutcome
+    from pipelines.prepare import encode_latents, generate_priors, refuse_class_words, validate_concepts
     from pipelines.storage import StorageRoot
     from pipelines.train import train_runs
 
@@ -125,18 +126,23 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     actors = max(1, min(res.data_actors, int(cap.gpus) if cap.use_gpu else res.data_actors))
     bad = validate_concepts(specs)
     good = [s for s in specs if s.concept.id not in bad]
+    refused: dict[str, str] = {}
     if good:
         model_path = resolve_model_path(config.model)
+        refused = refuse_class_words(good, model_path)
+        good = [s for s in good if str(s.run_dir) not in refused]
+    if good:
         encoded = encode_latents(good, config.model, model_path, actors, cap.use_gpu)
         made = generate_priors(good, model_path, config.model, actors, cap.use_gpu, root)
-        print(f"prepared: {len(bad)} bad concept(s) skipped, {encoded} instance latent set(s) encoded, "
-              f"{made} class-prior set(s) generated", flush=True)
+        print(f"prepared: {len(bad)} bad concept(s) skipped, " + (f"{len(refused)} run(s) refused, " if refused else "")
+              + f"{encoded} instance latent set(s) encoded, {made} class-prior set(s) generated", flush=True)
     workers = max(1, res.gpus_per_run) if cap.use_gpu else 1
     scaling = {"num_workers": workers, "use_gpu": cap.use_gpu,
                "resources_per_worker": {"CPU": res.cpus_per_run, **({"GPU": 1} if cap.use_gpu else {})}}
     concurrency = concurrent_runs(cap, res.gpus_per_run, res.cpus_per_run, res.max_concurrent_runs)
     tracking = tracker.worker_settings() if tracker else None
-    outcomes = train_runs(good, scaling, config.storage, concurrency, res.max_failures, forwarded_env(), tracking)
+    outcomes = [RunOutcome(s, "failed", refused[str(s.run_dir)]) for s in specs if str(s.run_dir) in refused]
+    outcomes += train_runs(good, scaling, config.storage, concurrency, res.max_failures, forwarded_env(), tracking)
     usable = [o.spec for o in outcomes if o.status in ("finished", "skipped")]
     evaluations, eval_error = {}, ""
     if config.evaluation is not None and usable:

@@ -39,6 +39,24 @@ def validate_concepts(specs: list[RunSpec]) -> dict[str, str]:
     return bad
 
 
+def refuse_class_words(specs: list[RunSpec], model_path: Path) -> dict[str, str]:
+    """Run folder -> reason for every run whose method locates the class token while its concept's class is several
+    tokens ("fire truck" for AttnDreamBooth, say): refused here, with the tokenizer only, before training starts."""
+    from transformers import CLIPTokenizer
+
+    from personalize.run_context import check_class_words
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+    refused = {}
+    for spec in specs:
+        try:
+            check_class_words(spec, tokenizer)
+        except ConceptError as e:
+            refused[str(spec.run_dir)] = str(e)
+            log.error("skipping %s / %s: %s", spec.concept.id, spec.method.name, redact(str(e)))
+    return refused
+
+
 class LatentEncoder:
     """Actor: the base model's VAE loaded once; encodes each run's augmented instance images into the cache."""
 
