@@ -2,6 +2,7 @@
 its local Ray behind: the watcher started beside it ends them (without it, two linger for tens of seconds)."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,8 +29,9 @@ def test_a_killed_batch_driver_leaves_no_ray_process(tiny_model, concept_dir, tm
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     session = None
     for line in driver.stdout:
-        if "Started a local Ray" in line or "started a local Ray" in line:
-            session = os.path.realpath("/tmp/ray/session_latest")
+        started = re.search(r"started a local Ray .*Ray's worker logs in (\S+)/logs", line)
+        if started:  # the batch's own line names its Ray session
+            session = started.group(1)
         if " training, " in line and "0 training" not in line:  # the progress line: a run is training
             break
     assert session and session_processes(session), "the batch did not start training"
