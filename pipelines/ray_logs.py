@@ -5,6 +5,7 @@ unless `-v`. They land next to the results (and in MLflow, with the batch's pare
 from __future__ import annotations
 
 import logging
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,15 +23,52 @@ def is_ours(text: str, job_id: str) -> bool:
     return f":job_id:{job_id}" in text
 
 
-def worker_log_names(node_id: str) -> set[str]:
-    from ray.util.state import list_logs
+class StateApiLogs:
+    """A node's worker logs through Ray's state API (served by the node's dashboard agent)."""
 
-    return {name for group in list_logs(node_id=node_id, glob_filter="*worker-*").values() for name in group
-            if Path(name).name.startswith("worker-")}
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    def names(self) -> set[str]:
+        from ray.util.state import list_logs
+
+        return {name for group in list_logs(node_id=self.node_id, glob_filter="*worker-*").values() for name in group
+                if Path(name).name.startswith("worker-")}
+
+    def read(self, name: str, max_lines: int) -> str:
+        from ray.util.state import get_log
+
+        return "".join(get_log(node_id=self.node_id, filename=name, tail=max_lines, errors="replace"))
 
 
-def live_nodes() -> list[tuple[str, str]]:
-    return [(node["NodeID"], node["NodeManagerAddress"]) for node in ray.nodes() if node.get("Alive")]
+class FolderLogs:
+    """The driver's own node: its session's logs folder, read from disk. (Two local Rays on one machine share the
+    agent's fixed port, so the second one's state API cannot serve logs; its files are still here.)"""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def names(self) -> set[str]:
+        return {p.name for p in self.folder.glob("worker-*") if p.is_file()}
+
+    def read(self, name: str, max_lines: int) -> str:
+        with (self.folder / name).open(errors="replace") as f:
+            return "".join(deque(f, maxlen=max_lines))
+
+
+def node_readers() -> list[tuple[str, str, StateApiLogs | FolderLogs]]:
+    """(node id, ip, reader) for every live node: files on disk for the driver's node, the state API elsewhere."""
+    here = ray.get_runtime_context().get_node_id()
+    node = ray._private.worker._global_node
+    folder = Path(node.get_logs_dir_path()) if node is not None else None
+    readers = []
+    for node_info in ray.nodes():
+        if not node_info.get("Alive"):
+            continue
+        node_id, ip = node_info["NodeID"], node_info["NodeManagerAddress"]
+        local = node_id == here and folder is not None and folder.is_dir()
+        readers.append((node_id, ip, FolderLogs(folder) if local else StateApiLogs(node_id)))
+    return readers
 
 
 class WorkerLogs:
@@ -42,23 +80,21 @@ class WorkerLogs:
 
     def start(self) -> None:
         self.known = {}
-        for node_id, ip in live_nodes():
+        for node_id, ip, reader in node_readers():
             try:
-                self.known[node_id] = worker_log_names(node_id)
+                self.known[node_id] = reader.names()
             except Exception as e:  # a node whose logs cannot be listed now: all of its files count as new
                 log.warning("could not list Ray's worker logs on node %s: %s", ip, e)
 
     def collect(self, dest: Path, max_lines: int = MAX_LINES) -> list[Path]:  # after start()
         """Copy the new worker logs (stdout and stderr) of this job to dest/<node ip>/, credentials removed; returns
         the files written. A node that cannot be read is named in a warning and skipped."""
-        from ray.util.state import get_log
-
         job_id = ray.get_runtime_context().get_job_id()
         written = []
-        for node_id, ip in live_nodes():
+        for node_id, ip, reader in node_readers():
             try:
-                for name in sorted(worker_log_names(node_id) - self.known.get(node_id, set())):
-                    text = "".join(get_log(node_id=node_id, filename=name, tail=max_lines, errors="replace"))
+                for name in sorted(reader.names() - self.known.get(node_id, set())):
+                    text = reader.read(name, max_lines)
                     if not is_ours(text, job_id):
                         continue
                     path = dest / ip / Path(name).name

@@ -148,6 +148,20 @@ def test_the_jobs_ray_worker_logs_are_kept_under_the_storage_root_and_in_mlflow(
     assert {f"logs/{f.parent.name}/{f.name}" for f in files} == logged
 
 
+def test_the_drivers_node_logs_are_read_from_disk_as_the_state_api_serves_them(tracked):
+    """On the driver's node the files are read where Ray writes them (the state API of a second local Ray on the
+    same machine cannot serve them); they are the same files and lines the state API gives."""
+    from pipelines.ray_logs import FolderLogs, StateApiLogs, node_readers
+
+    [(node_id, _, folder)] = [r for r in node_readers() if isinstance(r[2], FolderLogs)]
+    api = StateApiLogs(node_id)
+    kept = sorted((tracked["store"] / "logs").iterdir())[0]
+    finished = sorted(f.name for f in kept.rglob("worker-*"))  # the tracked batch's workers: ended, files complete
+    assert finished and set(finished) <= folder.names() and set(finished) <= api.names()
+    for name in finished[:4]:
+        assert folder.read(name, 50) == api.read(name, 50)
+
+
 def test_secrets_never_reach_mlflow_or_the_results(tracked):
     from mlflow.tracking import MlflowClient
 
