@@ -103,8 +103,8 @@ def execute_batch(plan: BatchPlan, tracker=None) -> int:
 
 def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     from personalize.models import resolve_model_path
-    from pipelines.evaluate import evaluate_runs
     from personalize.outcome import RunOutcome
+    from pipelines.evaluate import evaluate_runs
     from pipelines.prepare import encode_latents, generate_priors, refuse_class_words, validate_concepts
     from pipelines.storage import StorageRoot
     from pipelines.train import train_runs

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ray
@@ -119,7 +119,7 @@ class WorkerLogs:
 def logs_folder(root) -> str:
     """A new folder per submission under the storage root's `logs/`, named by its UTC time and Ray job (a
     resubmission never overwrites an earlier one)."""
-    base = f"logs/{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-job{ray.get_runtime_context().get_job_id()}"
+    base = f"logs/{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-job{ray.get_runtime_context().get_job_id()}"
     rel, n = base, 1
     while root.local(rel).exists():
         n += 1

@@ -1,8 +1,7 @@
 """The sweep's progress line: trial counts by state and the best objective so far, printed every so often."""
 
-from types import SimpleNamespace
-
 import pickle
+from types import SimpleNamespace
 
 from tuning.progress import SweepProgress, progress_line
 
