@@ -99,11 +99,15 @@ def bank_key(model_fingerprint: str, image_files: list[Path], preset: str, size:
     return h.hexdigest()[:24]
 
 
+def cached_bank_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.safetensors"
+
+
 def cached_instance_bank(cache_dir: Path | None, key: str, build) -> LatentBank:
     """Load the bank stored under `key`, or build it (and store it, written then renamed into place)."""
     if cache_dir is None:
         return build()
-    path = Path(cache_dir) / f"{key}.safetensors"
+    path = cached_bank_path(cache_dir, key)
     if path.is_file():
         return LatentBank.load(path)
     bank = build()
@@ -131,12 +135,18 @@ class Batcher:
     """Draws training batches: instance variants with the method's prompt, plus class priors when asked."""
 
     def __init__(self, instances: LatentBank, placeholders: Placeholders, templates: list[str],
-                 priors: LatentBank | None = None, prior_mode: str = "concat"):
+                 priors: LatentBank | None = None, prior_mode: str = "concat", captions: list[str | None] | None = None):
         self.instances = instances
         self.priors = priors
         self.placeholders = placeholders
         self.templates = templates
         self.prior_mode = prior_mode
+        self.captions = captions  # per instance variant: its photo's caption file, which replaces the templates
+
+    def prompt(self, index: int, template: str) -> str:
+        caption = self.captions[index] if self.captions else None
+        text = caption.replace("{class}", "{super_category}") if caption else template
+        return self.instances.captions[index] + self.placeholders.fill(text)
 
     def draw(self, batch_size: int, gen: torch.Generator, use_prior: bool) -> Batch:
         if not use_prior or self.priors is None:
@@ -149,7 +159,7 @@ class Batcher:
         idx = torch.randint(len(self.instances), (n_instance,), generator=gen)
         template_idx = torch.randint(len(self.templates), (n_instance,), generator=gen)
         latents = [self.instances.sample(idx, gen)]
-        prompts = [self.instances.captions[i] + self.placeholders.fill(self.templates[t]) for i, t in zip(idx.tolist(), template_idx.tolist())]
+        prompts = [self.prompt(i, self.templates[t]) for i, t in zip(idx.tolist(), template_idx.tolist())]
         masks = self.instances.masks[idx] if self.instances.masks is not None else None
         if n_prior:
             pidx = torch.randint(len(self.priors), (n_prior,), generator=gen)

@@ -32,7 +32,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def list_image_files(concept_id: str, folder: str | Path, allow_captions: bool = False) -> list[Path]:
+def list_image_files(concept_id: str, folder: str | Path) -> list[Path]:
+    """The image files of a folder, sorted (IMAGE.txt captions beside them are allowed, not listed)."""
     if is_s3(folder):
         try:
             folder = localize(str(folder))
@@ -44,11 +45,11 @@ def list_image_files(concept_id: str, folder: str | Path, allow_captions: bool =
     if not folder.is_dir():
         raise ConceptError(concept_id, f"{folder} is not a folder", "point `images` at a folder of photos")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    allowed = IMAGE_SUFFIXES | (CAPTION_SUFFIXES if allow_captions else set())
+    allowed = IMAGE_SUFFIXES | CAPTION_SUFFIXES
     others = [p.name for p in files if p.suffix.lower() not in allowed]
     if others:
         raise ConceptError(concept_id, f"{folder} holds files that are not images: {others[:5]}",
-                           "remove them or move them out of the folder (accepted: jpg, png, webp)")
+                           "remove them or move them out of the folder (accepted: jpg, png, webp, and IMAGE.txt captions)")
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise ConceptError(concept_id, f"image folder {folder} is empty", "add 3-6 photos of the subject")
@@ -71,7 +72,39 @@ def read_image(concept_id: str, path: Path, min_side: int = 0) -> Image.Image:
 
 def load_concept_images(concept_id: str, folder: str | Path, resolution: int) -> list[Image.Image]:
     """All images of a concept, validated; raises ConceptError on the first bad file."""
-    return [read_image(concept_id, p, min_side=resolution // 2) for p in list_image_files(concept_id, folder)]
+    return [read_image(concept_id, p, min_side=resolution // 2)
+            for p in list_image_files(concept_id, folder)]
+
+
+CAPTION_SLOTS = ("{placeholder}", "{class}")
+
+
+def load_concept_captions(concept_id: str, folder: str | Path) -> list[str | None]:
+    """Each image's own training caption, from IMAGE.txt beside it (None where there is none), in image order. A
+    caption names the subject with {placeholder} (its token) and may name its {class}; nothing else in braces."""
+    images = list_image_files(concept_id, folder)
+    folder = images[0].parent
+    stems = {p.stem for p in images}
+    orphans = sorted(p.name for p in folder.glob("*.txt") if p.stem not in stems and not p.name.startswith("."))
+    if orphans:
+        raise ConceptError(concept_id, f"captions without an image: {orphans[:5]}",
+                           "name each caption after its image (photo.png -> photo.txt) or remove it")
+    captions = []
+    for path in images:
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            captions.append(None)
+            continue
+        caption = caption_file.read_text().strip()
+        rest = caption
+        for slot in CAPTION_SLOTS:
+            rest = rest.replace(slot, "")
+        if "{placeholder}" not in caption or "{" in rest or "}" in rest:
+            raise ConceptError(concept_id, f"caption {caption_file.name} reads {caption!r}",
+                               "name the subject with {placeholder} (and its class with {class}, if at all); "
+                               "no other braces")
+        captions.append(caption)
+    return captions
 
 
 def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Image.Image]:
@@ -87,7 +120,7 @@ def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Im
 def load_captioned_folder(folder: str | Path, default_caption: str) -> list[tuple[Image.Image, str]]:
     """Real regularisation images with captions: IMAGE.txt beside each image, else `default_caption`."""
     pairs = []
-    for path in list_image_files("class-prior", folder, allow_captions=True):
+    for path in list_image_files("class-prior", folder):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text().strip() if caption_file.is_file() else default_caption
         pairs.append((read_image("class-prior", path), caption))

@@ -13,7 +13,7 @@ from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank
 from personalize.devices import resolve_device, resolve_precision
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
-from personalize.images import list_image_files, load_concept_images
+from personalize.images import list_image_files, load_concept_captions, load_concept_images
 from personalize.losses import combined_needs
 from personalize.method_spec import StageSpec
 from personalize.models import SDComponents, load_components
@@ -105,6 +105,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
     naming the concept."""
     concept, method = spec.concept, spec.method
     images = load_concept_images(concept.id, concept.images, spec.resolution)
+    captions = load_concept_captions(concept.id, concept.images)
     components = components or load_components(spec.model)
     tokenizer = components.tokenizer
     needs = method_needs(spec)
@@ -114,7 +115,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
     ]
     placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
     check_selectors(spec, components)
-    check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs)
+    check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs, [c for c in captions if c])
     device = resolve_device(spec.device)
     dtype = resolve_precision(spec.mixed_precision, device)
     _place_models(components, spec, device, dtype)
@@ -133,8 +134,9 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
                               spec.seed, device, vae_dtype),
     )
     priors = prior_bank(prior_pairs, spec.resolution, components.vae, device, vae_dtype) if prior_pairs else None
+    variant_captions = [captions[i // spec.latent_variants] for i in range(len(instances))] if any(captions) else None
     batcher = Batcher(instances, placeholders, templates(method.prompt), priors,
-                      method.class_prior.mode if method.class_prior else "concat")
+                      method.class_prior.mode if method.class_prior else "concat", variant_captions)
     context = None
     if method.context_prompts:
         context = [i.template for i in load_prompt_set(context_set_for(method.context_prompts, concept.kind))]
@@ -149,13 +151,16 @@ def instance_bank_key(spec: RunSpec, model_path: Path) -> str:
 
 
 def check_class_after_placeholder(spec: RunSpec, tokenizer, placeholders: Placeholders, class_ids: list[int | None],
-                                  needs: Needs) -> None:
-    """Methods that read the class token's attention need it right after each placeholder in every training prompt."""
+                                  needs: Needs, captions: list[str] = ()) -> None:
+    """Methods that read the class token's attention need it right after each placeholder in every training prompt
+    (the method's templates and the concept's caption files)."""
     if needs.capture is None or not needs.single_token_class:
         return
-    for template in templates(spec.method.prompt):
+    prompts = templates(spec.method.prompt) + [c.replace("{class}", "{super_category}") for c in captions]
+    for template in prompts:
         roles = find_roles(tokenize(tokenizer, [placeholders.fill(template)]), placeholders, class_ids)
         missing = [placeholders.strings[j] for j in range(len(class_ids)) if int(roles.super_category[0, j]) < 0]
         if missing:
             raise ConceptError(spec.concept.id, f"training prompt {placeholders.fill(template)!r} has no class word right "
-                               f"after {missing}", "name each subject as '<placeholder> <class>' in the method's prompt")
+                               f"after {missing}", "name each subject as '<placeholder> <class>' in the method's prompt "
+                               "and in caption files ('{placeholder} {class}')")

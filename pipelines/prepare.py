@@ -13,7 +13,7 @@ import pandas as pd
 import ray
 
 from personalize.errors import ConceptError
-from personalize.images import load_concept_images
+from personalize.images import load_concept_captions, load_concept_images
 from personalize.run_settings import RunSpec
 from pipelines.redaction import redact
 
@@ -24,6 +24,7 @@ def validate_row(row: dict) -> dict:
     """One concept: can its images be read and used at this resolution? Never raises for bad input."""
     try:
         count = len(load_concept_images(row["id"], row["images"], int(row["resolution"])))
+        load_concept_captions(row["id"], row["images"])
         return {**row, "ok": True, "reason": "", "images_found": count}
     except ConceptError as e:
         return {**row, "ok": False, "reason": str(e), "images_found": 0}
@@ -135,6 +136,7 @@ def latents_to_encode(specs: list[RunSpec], model_path: Path) -> list[RunSpec]:
     """One run per instance bank the batch still lacks: a finished run needs none, nor does one whose folder holds
     another configuration's run (it fails without training), and a cached bank is not encoded again, so a
     resubmitted batch starts no encoding actor at all. (A run that trains without its bank encodes it itself.)"""
+    from personalize.data import cached_bank_path
     from personalize.run_context import instance_bank_key
     from personalize.run_folder import owner, read_done
 
@@ -144,7 +146,7 @@ def latents_to_encode(specs: list[RunSpec], model_path: Path) -> list[RunSpec]:
         if holder is not None and (holder != spec.config_hash() or read_done(spec.run_dir) is not None):
             continue
         key = instance_bank_key(spec, model_path)
-        if spec.latent_cache_dir and (Path(spec.latent_cache_dir) / f"{key}.safetensors").is_file():
+        if spec.latent_cache_dir and cached_bank_path(spec.latent_cache_dir, key).is_file():
             continue
         todo.setdefault(key, spec)
     return list(todo.values())

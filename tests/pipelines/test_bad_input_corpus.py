@@ -54,12 +54,16 @@ IMAGE_CASES = {
     "not-an-image": (raw("2.png", b"just some text, not a picture"), "failed", ["2.png cannot be read", "replace or remove"]),
     "svg": (raw("2.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>"), "failed", ["not images: ['2.svg']", "accepted: jpg, png, webp"]),
     "one-pixel": (save(Image.new("RGB", (1, 1)), "2.png"), "failed", ["2.png is 1x1", "use larger photos or a lower resolution"]),
+    "uncaptioned-token": (raw("0.txt", b"a ball on a beach"), "failed", ["caption 0.txt", "name the subject with {placeholder}"]),
+    "orphan-caption": (raw("9.txt", b"a {placeholder}"), "failed", ["captions without an image: ['9.txt']", "photo.png -> photo.txt"]),
 }
 
 
 def unusual_but_valid(folder):
-    """Photos a camera or an editor writes, each to be read as 8-bit RGB: CMYK, 16-bit, palette, EXIF-rotated, 6000x4000."""
+    """Photos a camera or an editor writes, each to be read as 8-bit RGB: CMYK, 16-bit, palette, EXIF-rotated, 6000x4000;
+    one with its own caption file."""
     Image.new("CMYK", (80, 80), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
+    (folder / "cmyk.txt").write_text("a {placeholder} {class} in front of a cyan wall")
     Image.fromarray((np.arange(80 * 80).reshape(80, 80) * 9).astype(np.uint16)).save(folder / "sixteen-bit.png")
     Image.new("RGB", (80, 80), (10, 200, 10)).convert("P").save(folder / "palette.png")
     exif_rotated(folder)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from personalize.data import LatentBank
+from personalize.data import LatentBank, cached_bank_path
 from personalize.run_context import instance_bank_key
 from personalize.run_folder import write_done
 from pipelines.prepare import LatentEncoder, latents_to_encode, refuse_class_words
@@ -28,7 +28,7 @@ def test_each_missing_bank_is_encoded_once_and_a_cached_one_never(tiny_model, tm
 
     LatentEncoder(str(tiny_model))(pd.DataFrame({"spec": [s.model_dump_json() for s in todo]}))
     for spec in todo:
-        bank = LatentBank.load(tmp_path / "out" / "latents" / f"{instance_bank_key(spec, tiny_model)}.safetensors")
+        bank = LatentBank.load(cached_bank_path(tmp_path / "out" / "latents", instance_bank_key(spec, tiny_model)))
         assert len(bank) == 2 * spec.latent_variants  # two photos, each in its variants
     assert latents_to_encode(runs, tiny_model) == []
 
