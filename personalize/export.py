@@ -4,6 +4,8 @@
   learned_embeds-<k>.safetensors   one file per subject when a concept has several (DisenDiff)
   <concept>.a1111.safetensors      {"emb_params": (vectors, D)} (A1111 / ComfyUI embeddings folder)
   unet.safetensors                 only the UNet parameters some stage trained, by state-dict name
+  pytorch_lora_weights.safetensors LoRA adapters, diffusers layout (`pipe.load_lora_weights(run_dir)`)
+  <concept>.lora.safetensors       the same adapters, kohya layout (A1111 / Forge / ComfyUI loras folder)
   placeholders.json                how to rebuild the tokens (strings, ids order, super-categories)
 """
 
@@ -19,6 +21,7 @@ from personalize.tokens import Placeholders
 
 EMBEDS = "learned_embeds.safetensors"
 UNET = "unet.safetensors"
+LORA = "pytorch_lora_weights.safetensors"
 PLACEHOLDERS = "placeholders.json"
 
 
@@ -41,11 +44,36 @@ def save_embeddings(run_dir: Path, concept_id: str, rows: dict[str, torch.Tensor
 
 
 def save_unet(run_dir: Path, learned: dict[str, torch.Tensor]) -> Path | None:
-    unet = {k.removeprefix("unet."): v.detach().cpu().contiguous() for k, v in learned.items() if k.startswith("unet.")}
+    """Trained UNet weights under the base model's names (a weight under an adapter is peft's 'base_layer')."""
+    from personalize.params import adapted_name
+
+    unet = {k.removeprefix("unet.").replace(".base_layer.", "."): v.detach().cpu().contiguous()
+            for k, v in learned.items() if k.startswith("unet.") and adapted_name(k) is None}
     if not unet:
         return None
     save_file(unet, str(run_dir / UNET))
     return run_dir / UNET
+
+
+def save_lora(run_dir: Path, concept_id: str, learned: dict[str, torch.Tensor], stages) -> list[Path]:
+    """The LoRA adapters, in diffusers' layout (with their config, so alpha loads as trained) and kohya's."""
+    from diffusers import StableDiffusionPipeline
+
+    from personalize.lora import adapter_layers, adapter_metadata, kohya_layers, lora_layout
+
+    layout = lora_layout(stages)
+    layers = {model: adapter_layers(learned, model) for model in layout}
+    if not any(layers.values()):
+        return []
+    meta = {f"{m}_lora_adapter_metadata": adapter_metadata(layers[m], layout[m][0]) for m in layout}
+    StableDiffusionPipeline.save_lora_weights(
+        run_dir, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
+        weight_name=LORA, **meta)
+    kohya = run_dir / f"{concept_id}.lora.safetensors"
+    save_file(kohya_layers(layers, {m: spec.scale_alpha for m, (spec, _) in layout.items()}), str(kohya),
+              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(next(iter(layout.values()))[0].rank),
+                        "ss_network_alpha": str(next(iter(layout.values()))[0].scale_alpha)})
+    return [run_dir / LORA, kohya]
 
 
 def save_placeholders(run_dir: Path, placeholders: Placeholders, subject_phrase: str) -> Path:

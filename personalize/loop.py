@@ -27,7 +27,7 @@ from personalize.losses import LOSS_TERMS, combined_needs
 from personalize.method_spec import StageSpec
 from personalize.optim import lr_at, make_optimizer
 from personalize.outcome import RunOutcome
-from personalize.params import select, set_trainable
+from personalize.params import set_trainable, trained_parameters
 from personalize.run_context import RunContext
 from personalize.run_settings import RunSpec
 from personalize.stage_hooks import build_hooks, hooks_state
@@ -68,7 +68,7 @@ class StageResult:
 def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume: ckpt.Checkpoint | None,
               global_step: int, progress: bool = True, validator: Schedule | None = None) -> StageResult:
     spec = ctx.spec
-    trainable = set_trainable(ctx.models, stage.trainable)
+    trainable = set_trainable(ctx.models, stage)
     names = list(trainable)
     optimizer = make_optimizer(list(trainable.values()), stage)
     start, stage_state = 0, {}
@@ -207,8 +207,7 @@ def gradient_checkpointing(ctx: RunContext, trainable: dict, enabled: bool):
 
 def learned_state(ctx: RunContext, upto: int) -> dict[str, torch.Tensor]:
     """Every parameter trained by stages 0..upto, as it is now (the frozen base is never saved)."""
-    selectors = sorted({sel for stage in ctx.spec.method.stages[: upto + 1] for sel in stage.trainable})
-    return {k: v.detach() for k, v in select(ctx.models, selectors).items()}
+    return {k: v.detach() for k, v in trained_parameters(ctx.models, ctx.spec.method.stages[: upto + 1]).items()}
 
 
 def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progress: bool = True,
@@ -301,8 +300,10 @@ def _write_outputs(ctx: RunContext, export) -> list[str]:
 
     run_dir = ctx.run_dir
     written = export.save_embeddings(run_dir, ctx.spec.concept.id, learned_rows(ctx.components.text_encoder, ctx.placeholders))
-    unet = export.save_unet(run_dir, learned_state(ctx, len(ctx.spec.method.stages) - 1))
+    learned = learned_state(ctx, len(ctx.spec.method.stages) - 1)
+    unet = export.save_unet(run_dir, learned)
     written += [unet] if unet else []
+    written += export.save_lora(run_dir, ctx.spec.concept.id, learned, ctx.spec.method.stages)
     written.append(export.save_placeholders(run_dir, ctx.placeholders, subject_phrase(ctx.spec.method, ctx.placeholders)))
     ctx.instances.save(run_dir / "instance_latents.safetensors")
     written.append(run_dir / "instance_latents.safetensors")

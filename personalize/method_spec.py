@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 RECORD_ONLY = {"model_lr_scale", "model_steps_scale"}  # stage fields that record how numbers came about
 # stage fields added after runs were finished: hashed only when set otherwise, so those runs keep their hash
-HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant", "noise_offset": 0.0}
+HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant", "noise_offset": 0.0, "lora": None}
 
 
 class Strict(BaseModel):
@@ -59,6 +59,21 @@ class NormLockSpec(Strict):
         return start, max(start + 1, round(self.end_fraction * steps))
 
 
+class LoraSpec(Strict):
+    """Train low-rank adapters (peft LoRA) on the modules of `targets` instead of their weights: W x + (alpha / rank)
+    B A x, with B starting at zero. `targets` are trainable selectors of the stage (default: all but the
+    placeholder); only Linear and Conv2d modules get adapters. One shape (rank, alpha, dropout) per model and method."""
+
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = Field(default=None, gt=0)  # None: alpha = rank (scale 1), as the diffusers recipes
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    targets: list[str] | None = None
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
 class StageSpec(Strict):
     name: str
     trainable: list[str] = Field(min_length=1)
@@ -83,6 +98,14 @@ class StageSpec(Strict):
     # set from the model's recipe_scale.json: lr = paper lr x this (a record: the effective lr is what is hashed)
     model_lr_scale: float = Field(default=1.0, gt=0)
     model_steps_scale: float = Field(default=1.0, gt=0)  # likewise for steps
+    lora: LoraSpec | None = None  # the selected UNet / text-encoder parts train as LoRA adapters
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """The selectors trained through adapters (none without `lora`)."""
+        if self.lora is None:
+            return []
+        return self.lora.targets if self.lora.targets is not None else [t for t in self.trainable if t != "placeholder"]
 
     @field_validator("name")
     @classmethod
@@ -118,6 +141,15 @@ class StageSpec(Strict):
                                  f"{self.steps} steps: shorten the window too, or give it as start_fraction/end_fraction")
         for text in ([self.prompt] if isinstance(self.prompt, str) else self.prompt or []):
             check_template(text, PROMPT_FIELDS)
+        if self.lora is not None:
+            targets = self.lora_targets
+            if not targets:
+                raise ValueError("lora needs a UNet or text-encoder selector among the trainable parts to put adapters on")
+            if "placeholder" in targets:
+                raise ValueError("the placeholder rows train as they are; leave 'placeholder' out of lora.targets")
+            strays = [t for t in targets if t not in self.trainable]
+            if strays:
+                raise ValueError(f"lora.targets {strays} are not among the stage's trainable parts {self.trainable}")
         return self
 
 
@@ -208,6 +240,15 @@ class MethodSpec(Strict):
             raise ValueError(f"stage names must be unique; repeated: {dupes}")
         if any(s.use_class_prior for s in self.stages) and self.class_prior is None:
             raise ValueError("a stage sets use_class_prior but the method has no class_prior section")
+        shapes: dict[str, set] = {}
+        for stage in self.stages + ([self.test_time] if self.test_time else []):
+            for target in stage.lora_targets:
+                model = "text_encoder" if target.startswith("text_encoder") else "unet"
+                shapes.setdefault(model, set()).add((stage.lora.rank, stage.lora.scale_alpha, stage.lora.dropout))
+        mixed = [m for m, found in shapes.items() if len(found) > 1]
+        if mixed:
+            raise ValueError(f"the stages give the {mixed[0]} LoRA different shapes {sorted(shapes[mixed[0]])}: one "
+                             "(rank, alpha, dropout) per model, as one adapter file holds it")
         needs_context = any(_needs_context(s) for s in self.stages + ([self.test_time] if self.test_time else []))
         if needs_context and not self.context_prompts:
             raise ValueError("context regularisers need `context_prompts` (auto, animate, inanimate, universal or a file)")

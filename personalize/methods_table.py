@@ -27,7 +27,9 @@ def method_table(method: MethodSpec) -> str:
         batch = f"{stage.batch_size}" + (f"x{stage.grad_accum}" if stage.grad_accum > 1 else "")
         steps = f"{stage.steps}" + (f" (x{stage.model_steps_scale:g})" if stage.model_steps_scale != 1.0 else "")
         lr = f"{stage.lr:g}" + (f" (x{stage.model_lr_scale:g})" if stage.model_lr_scale != 1.0 else "")
-        rows.append((label, ", ".join(stage.trainable), steps, lr, batch,
+        lora = set(stage.lora_targets)
+        trainable = [f"{t} (LoRA r{stage.lora.rank}, alpha {stage.lora.scale_alpha:g})" if t in lora else t for t in stage.trainable]
+        rows.append((label, ", ".join(trainable), steps, lr, batch,
                      _losses(stage) + (f" [{'; '.join(extras)}]" if extras else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{method.name} -- {method.paper}", f"  {method.summary}"]

@@ -17,7 +17,8 @@ from personalize.images import list_image_files, load_concept_captions, load_con
 from personalize.losses import combined_needs
 from personalize.method_spec import StageSpec
 from personalize.models import SDComponents, load_components
-from personalize.params import SelectorError, select
+from personalize.lora import add_adapters
+from personalize.params import SelectorError, stage_parameters, trained_parameters
 from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.run_settings import RunSpec
@@ -75,7 +76,7 @@ def _place_models(components: SDComponents, spec: RunSpec, device: torch.device,
     (as loaded), so training updates full-precision weights and nothing else is ever written."""
     low = dtype or torch.float32
     models = {"unet": components.unet, "text_encoder": components.text_encoder}
-    trained = set(select(models, sorted({sel for s in spec.method.stages for sel in s.trainable})))
+    trained = set(trained_parameters(models, spec.method.stages))
     components.vae.to(device).eval()
     if low != torch.float32:  # loaded in fp32; casting to fp32 again only makes diffusers warn
         components.vae.to(low)
@@ -91,11 +92,17 @@ def _place_models(components: SDComponents, spec: RunSpec, device: torch.device,
                 model.get_buffer(buffer_name).data = buffer.data.to(low)
 
 
-def check_selectors(spec: RunSpec, components: SDComponents) -> None:
-    """Fail fast on a selector that matches nothing (before any image is generated or encoded)."""
+def add_adapters_and_check_selectors(spec: RunSpec, components: SDComponents) -> None:
+    """Put the method's LoRA adapters on; fail fast on a selector that matches nothing (before any image is
+    generated or encoded)."""
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    try:
+        add_adapters(models, all_stages(spec), spec.seed)
+    except SelectorError as e:
+        raise ConfigError(f"method {spec.method.name}", [f"lora: {e}"]) from None
     for stage in spec.method.stages:
         try:
-            select({"unet": components.unet, "text_encoder": components.text_encoder}, stage.trainable)
+            stage_parameters(models, stage)
         except SelectorError as e:
             raise ConfigError(f"method {spec.method.name}", [f"stages.{stage.name}.trainable: {e}"]) from None
 
@@ -114,7 +121,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
         for s in concept.subjects
     ]
     placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
-    check_selectors(spec, components)
+    add_adapters_and_check_selectors(spec, components)
     check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs, [c for c in captions if c])
     device = resolve_device(spec.device)
     dtype = resolve_precision(spec.mixed_precision, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -113,8 +114,25 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
 # Personalised pipelines rebuilt from a run folder
 
 
+@contextmanager
+def _without_notice(logger: str, starts: str):
+    """Drop one known, harmless log message (and nothing else) while loading."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(starts)
+
+    target = logging.getLogger(logger)
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
 class LoadedRun:
-    """A finished run on top of its base model: placeholder rows and trained UNet modules applied in place."""
+    """A finished run on top of its base model: placeholder rows, trained UNet modules and LoRA adapters (through
+    diffusers' own LoRA loader, as a user of the files would) applied in place."""
 
     def __init__(self, run_dir, device: str = "auto", components=None):
         import json
@@ -122,7 +140,7 @@ class LoadedRun:
 
         from personalize.devices import resolve_device
         from personalize.errors import RunStateError
-        from personalize.export import PLACEHOLDERS, load_embeddings, load_unet_weights
+        from personalize.export import LORA, PLACEHOLDERS, load_embeddings, load_unet_weights
         from personalize.models import load_components
         from personalize.run_folder import finished_spec
         from personalize.tokens import add_placeholders, restore_rows
@@ -143,6 +161,9 @@ class LoadedRun:
             if missing:
                 raise RunStateError(f"{self.run_dir}: UNet weights do not fit the base model (e.g. {sorted(missing)[:2]})")
             comps.unet.load_state_dict(unet, strict=False)
+        if (self.run_dir / LORA).is_file():
+            with _without_notice("diffusers.loaders.lora_base", "No LoRA keys associated to"):  # a UNet-only LoRA
+                build_pipeline(comps).load_lora_weights(self.run_dir, weight_name=LORA)
         self.subject = json.loads((self.run_dir / PLACEHOLDERS).read_text())["subject"]
         self.device = resolve_device(device)
         for module in (comps.unet, comps.vae, comps.text_encoder):

@@ -1,5 +1,5 @@
 """A finished run as an MLflow model: a pyfunc that loads the base model by its id or uri, applies the run's
-learned state (placeholder rows, trained UNet modules; safetensors only) and generates images from prompts.
+learned state (placeholder rows, trained UNet modules, LoRA adapters; safetensors only) and generates images from prompts.
 
     model = mlflow.pyfunc.load_model("models:/<experiment>.<concept>@champion")
     frame = model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [0]}))  # '{}' = the subject
@@ -19,9 +19,10 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
+from personalize.export import EMBEDS, LORA, PLACEHOLDERS, UNET
 from personalize.run_folder import DONE, RESOLVED_CONFIG, finished_spec
 
-LEARNED_FILES = (DONE, RESOLVED_CONFIG, "placeholders.json", "learned_embeds.safetensors", "unet.safetensors")
+LEARNED_FILES = (DONE, RESOLVED_CONFIG, PLACEHOLDERS, EMBEDS, UNET, LORA)
 
 
 class PersonalizedModel(mlflow.pyfunc.PythonModel):

@@ -86,7 +86,7 @@ def quick_spec(method: str, model: Path, images: Path, out: Path, *, concept: di
             overrides[f"stages.{stage.name}.{key}"] = value
         if stage.embedding_norm_lock is not None:  # keep the window inside the shortened stage
             overrides[f"stages.{stage.name}.embedding_norm_lock"] = {"start": 1, "end": settings["steps"]}
-    if method in ("dreambooth", "custom_diffusion", "disendiff"):
+    if load_method(method).class_prior is not None:
         overrides.update({"class_prior.num_images": 2, "class_prior.inference_steps": 2})
     concept = concept or {"id": "blob", "images": str(images), "super_category": "toy"}
     fields = dict(model=str(model), method=method, concepts=[ConceptSpec(**concept)], output_dir=str(out),

@@ -15,7 +15,7 @@ from personalize.config import available_methods
 from personalize.faults import InjectedFault
 from personalize.loop import NullSink, run_method, run_stage
 from personalize.models import load_components
-from personalize.params import select
+from personalize.params import trained_parameters
 from personalize.run_context import prepare_run
 
 METHODS = available_methods()
@@ -47,7 +47,7 @@ def train_stages(spec, tiny_model, sink=None):
 def test_exactly_the_declared_parameters_change(method, spec_for, tiny_model):
     spec = spec_for(method, stage_overrides={"lr": 1e-3})
     ctx, before, after = train_stages(spec, tiny_model)
-    declared = set(select(ctx.models, sorted({s for st in spec.method.stages for s in st.trainable})))
+    declared = set(trained_parameters(ctx.models, spec.method.stages))
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == declared
     assert len(declared) > 0
@@ -86,7 +86,7 @@ def test_first_losses_match_the_recorded_values(method, spec_for, tiny_model):
 
 def final_state(run_dir) -> dict[str, torch.Tensor]:
     state = {}
-    for name in ("learned_embeds.safetensors", "unet.safetensors"):
+    for name in ("learned_embeds.safetensors", "unet.safetensors", "pytorch_lora_weights.safetensors"):
         if (run_dir / name).is_file():
             state.update({f"{name}:{k}": v for k, v in load_file(str(run_dir / name)).items()})
     return state

@@ -2,7 +2,7 @@
 
 import pytest
 
-from personalize.method_spec import PlaceholderSpec
+from personalize.method_spec import PlaceholderSpec, StageSpec
 from personalize.models import clip_tokenizer, tiny_text_encoder, tiny_unet
 from personalize.params import SelectorError, select, set_trainable
 from personalize.run_settings import ConceptSpec
@@ -27,7 +27,8 @@ def test_attn2_selects_q_k_v_out_of_every_cross_attention(models):
 
 
 def test_set_trainable_freezes_everything_else(models):
-    chosen = set_trainable(models, ["placeholder", "unet.attn2.kv"])
+    chosen = set_trainable(models, StageSpec(name="s", trainable=["placeholder", "unet.attn2.kv"], steps=1, lr=1.0,
+                                             losses={"diffusion": 1.0}))
     trainable = {f"{m}.{n}" for m, model in models.items() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(chosen)
     assert "text_encoder.embeddings.token_embedding.rows" in trainable

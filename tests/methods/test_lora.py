@@ -1,0 +1,154 @@
+"""LoRA stages: only the adapters train, and the run's files load where users load them (diffusers' LoRA loader,
+the kohya layout through diffusers' converter, this project's own run loader, the MLflow model's folder) and give
+the run's own sample."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from personalize.loop import run_method
+from personalize.method_spec import LoraSpec, StageSpec
+from personalize.params import stage_parameters
+
+RANK, ALPHA = 2, 8.0  # alpha != rank: a loader that ignored alpha would scale the adapters 4x wrong
+PROMPT = "a photo of a sks toy"  # the run's sample prompt "a photo of a {subject}"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    from tests.conftest import draw_concept, quick_spec
+
+    root = tmp_path_factory.mktemp("lora")
+    spec = quick_spec("dreambooth_lora", tiny_model, draw_concept(root / "images"), root / "out",
+                      stage_overrides={"lr": 1e-2, "steps": 3, "lora": {"rank": RANK, "alpha": ALPHA}},
+                      samples={"prompts": ["a photo of a {subject}"], "seeds": [0], "steps": 3})
+    outcome = run_method(spec, progress=False)
+    assert outcome.status == "finished"
+    return spec
+
+
+def own_sample(run_dir) -> np.ndarray:
+    """The run's sample (its grid holds one image below a 12-pixel label band)."""
+    grid = np.asarray(Image.open(run_dir / "samples.png").convert("RGB"), dtype=np.float32) / 255
+    return grid[12:]
+
+
+def user_pipeline(tiny_model) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def picture(pipe) -> np.ndarray:
+    image = pipe(PROMPT, num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def test_only_the_adapters_train_and_only_they_are_saved(lora_run):
+    run = lora_run.run_dir
+    outputs = set(load_file(str(run / "pytorch_lora_weights.safetensors")))
+    assert not (run / "unet.safetensors").exists() and not (run / "learned_embeds.safetensors").exists()
+    # rank-2 adapters on q, k, v, out of 2 attention layers in each of the tiny UNet's 7 transformer blocks
+    assert len(outputs) == 7 * 2 * 4 * 2
+    assert all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in outputs)
+    down = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    assert all(v.shape[0] == RANK for k, v in down.items() if ".lora_A." in k)
+    assert any(v.abs().max() > 0 for k, v in down.items() if ".lora_B." in k)  # B starts at zero: it trained
+    checkpoint = load_file(str(run / "checkpoints" / "stage-00-finetune" / "learned.safetensors"))
+    assert len(checkpoint) == len(outputs) and all(".lora_" in k for k in checkpoint)
+
+
+def test_diffusers_lora_loader_gives_the_runs_sample(lora_run, tiny_model):
+    pipe = user_pipeline(tiny_model)
+    base = picture(pipe)
+    pipe.load_lora_weights(str(lora_run.run_dir))  # the default weight name: pytorch_lora_weights.safetensors
+    loaded = picture(pipe)
+    assert np.abs(loaded - own_sample(lora_run.run_dir)).mean() <= 1e-4
+    assert np.abs(loaded - base).mean() > 1e-2  # the adapters change the picture
+
+
+def test_kohya_file_converts_without_a_stray_key_and_gives_the_runs_sample(lora_run, tiny_model, caplog):
+    name = "blob.lora.safetensors"
+    path = lora_run.run_dir / name
+    kohya = load_file(str(path))
+    modules = {k.split(".")[0] for k in kohya}
+    assert all(m.startswith("lora_unet_") for m in modules)
+    assert set(kohya) == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert {float(kohya[f"{m}.alpha"]) for m in modules} == {ALPHA}
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == str(RANK)
+
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora_run.run_dir), weight_name=name)
+    assert len(state) == 2 * len(modules) and all(k.startswith("unet.") for k in state)
+    assert len(alphas) == len(modules) and set(alphas.values()) == {ALPHA}
+    diffusers_keys = set(load_file(str(lora_run.run_dir / "pytorch_lora_weights.safetensors")))
+    assert {as_peft(k) for k in state} == diffusers_keys  # every converted key is one the run wrote, none left over
+
+    pipe = user_pipeline(tiny_model)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(lora_run.run_dir), weight_name=name)
+    assert not [r.message for r in caplog.records if re.search(r"unexpected keys|missing keys|not (been )?loaded|not used", r.message, re.I)]
+    assert np.abs(picture(pipe) - own_sample(lora_run.run_dir)).mean() <= 1e-4
+
+
+def as_peft(key: str) -> str:
+    """diffusers' converter names kohya keys the attention-processor way ('attn1.processor.to_out_lora.down.weight');
+    the same module in peft's layout is 'attn1.to_out.0.lora_A.weight'."""
+    def rename(m: re.Match) -> str:
+        module = m[1] + (".0" if m[1] == "to_out" else "")
+        return f".{module}.lora_{'A' if m[2] == 'down' else 'B'}.weight"
+
+    return re.sub(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$", rename, key)
+
+
+def test_the_run_loader_and_the_mlflow_model_folder_give_the_runs_sample(lora_run, tmp_path):
+    from personalize.sampling import LoadedRun, generate
+    from pipelines.registry import learned_folder
+
+    folder = learned_folder(lora_run.run_dir, tmp_path / "model")
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    run = LoadedRun(folder, device="cpu")
+    image = generate(run.pipeline("ddim"), [run.fill("a photo of a {}")], [0], 64, steps=3)[0]
+    assert np.abs(np.asarray(image, dtype=np.float32) / 255 - own_sample(lora_run.run_dir)).mean() <= 1e-4
+
+
+def test_lora_targets_must_be_trainable_parts_and_one_shape_per_model():
+    base = {"name": "s", "steps": 1, "lr": 1.0, "losses": {"diffusion": 1.0}}
+    with pytest.raises(ValueError, match="not among the stage's trainable parts"):
+        StageSpec(**base, trainable=["unet.attn2"], lora={"targets": ["unet.attn"]})
+    with pytest.raises(ValueError, match="leave 'placeholder' out"):
+        StageSpec(**base, trainable=["placeholder", "unet"], lora={"targets": ["placeholder"]})
+    with pytest.raises(ValueError, match="needs a UNet or text-encoder selector"):
+        StageSpec(**base, trainable=["placeholder"], lora={})
+    stage = StageSpec(**base, trainable=["placeholder", "unet.attn2"], lora={"rank": 8})
+    assert stage.lora_targets == ["unet.attn2"] and stage.lora.scale_alpha == 8.0
+    assert LoraSpec(rank=4, alpha=2).scale_alpha == 2.0
+
+    from personalize.method_spec import MethodSpec
+
+    with pytest.raises(ValueError, match="different shapes"):
+        MethodSpec(name="m", stages=[StageSpec(**{**base, "name": "a"}, trainable=["unet.attn2"], lora={"rank": 4}),
+                                     StageSpec(**{**base, "name": "b"}, trainable=["unet"], lora={"rank": 8})])
+
+
+def test_a_stage_with_lora_selects_adapters_not_weights(spec_for, tiny_model):
+    from personalize.models import load_components
+    from personalize.run_context import prepare_run
+
+    spec = spec_for("dreambooth_lora")
+    ctx = prepare_run(spec, load_components(str(tiny_model)), progress=False)
+    chosen = stage_parameters(ctx.models, spec.method.stages[0])
+    assert chosen and all(".lora_A.learned." in k or ".lora_B.learned." in k for k in chosen)
+    assert all(".attn1." in k or ".attn2." in k for k in chosen)
+    # the weights under the adapters stay frozen and are not what a plain selector would now pick twice
+    assert not any(p.requires_grad for n, p in ctx.models["unet"].named_parameters() if "base_layer" in n)
