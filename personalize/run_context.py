@@ -14,10 +14,10 @@ from personalize.devices import resolve_device, resolve_precision
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
 from personalize.images import list_image_files, load_concept_captions, load_concept_images
+from personalize.lora import add_adapters
 from personalize.losses import combined_needs
 from personalize.method_spec import StageSpec
 from personalize.models import SDComponents, load_components
-from personalize.lora import add_adapters
 from personalize.params import SelectorError, stage_parameters, trained_parameters
 from personalize.priors import class_prior_images
 from personalize.prompts import context_set_for, load_prompt_set, templates
