@@ -21,7 +21,8 @@ MODELS = ROOT / "models" / "microworld"
 PAIR_METHODS = ("disendiff",)  # several subjects from one image: trained on the two-subject photo
 
 # Stage lengths relative to each (model-scaled) recipe, so the default setting fits an hour on two CPU cores.
-REDUCED_SCALES = {"textual_inversion": 0.1, "dreambooth": 0.75, "dreambooth_lora": 0.75, "rare_two_stage": 0.6, "attndreambooth": 0.5, "core": 0.3,
+REDUCED_SCALES = {"textual_inversion": 0.1, "dreambooth": 0.75, "dreambooth_lora": 0.75, "rare_two_stage": 0.6,
+                  "rare_two_stage_lora": 0.6, "attndreambooth": 0.5, "attndreambooth_lora": 0.5, "core": 0.3, "core_lora": 0.3,
                   "custom_diffusion": 1.0, "disendiff": 1.0}
 REDUCED_PRIORS = 16  # class-prior images per set in the default setting (papers: 200)
 SCORES = ("clip_t", "clip_i", "dino", "clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm")

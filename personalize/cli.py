@@ -56,8 +56,9 @@ def cmd_draw_concepts(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from personalize.sampling import LoadedRun, generate, image_grid
+    from personalize.sampling import LoadedRun, generate, generate_from_image, image_grid
 
+    start, mask = _edit_inputs(args)
     run = LoadedRun(args.run, device=args.device)
     out = Path(args.out or Path(args.run) / "generated")
     out.mkdir(parents=True, exist_ok=True)
@@ -70,12 +71,51 @@ def cmd_sample(args) -> int:
             rows = optimize_for_prompt(run, template, steps=args.tto_steps)
             save_file({"rows": rows.cpu()}, str(out / f"prompt{index:02d}.tto.safetensors"), metadata={"prompt": template})
         prompt = run.fill(template)
-        images = generate(run.pipeline(args.scheduler), [prompt] * len(args.seeds), args.seeds, run.spec.resolution,
-                          args.steps, args.guidance)
+        if start is None:
+            images = generate(run.pipeline(args.scheduler), [prompt] * len(args.seeds), args.seeds, run.spec.resolution,
+                              args.steps, args.guidance)
+        else:
+            images = generate_from_image(run.edit_pipeline(args.scheduler, inpaint=mask is not None), [prompt] * len(args.seeds),
+                                         args.seeds, start, run.spec.resolution, mask, args.strength, args.steps, args.guidance)
         for seed, image in zip(args.seeds, images):
             image.save(out / f"prompt{index:02d}-seed{seed}.png")
         image_grid(images, len(images), [prompt]).save(out / f"prompt{index:02d}-grid.png")
         print(f"{prompt!r}: {len(images)} images in {out}" + (" (after test-time optimisation)" if args.tto else ""))
+    return 0
+
+
+def _edit_inputs(args):
+    """The starting image and mask of an img2img / inpainting call, checked before any model is loaded."""
+    from PIL import Image
+
+    from personalize.errors import ConfigError
+
+    problems = []
+    if args.mask and not args.image:
+        problems.append("--mask needs --image (the photo to inpaint)")
+    if args.strength is not None and not args.image:
+        problems.append("--strength needs --image (it says how much of the photo is repainted)")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        problems.append(f"--strength must be in (0, 1], got {args.strength}")
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path and not Path(path).is_file():
+            problems.append(f"{flag} {path}: no such file")
+    if problems:
+        raise ConfigError("command line", problems)
+    if args.strength is None:
+        args.strength = 0.75
+    opened = [Image.open(p) if p else None for p in (args.image, args.mask)]
+    return opened[0], opened[1]
+
+
+def cmd_export(args) -> int:
+    from personalize.export_formats import export_run
+
+    out = Path(args.out or Path(args.run) / "exports" / args.format)
+    written = export_run(Path(args.run), args.format, out)
+    print(f"{args.format} export of {args.run}: {len(written)} file(s) in {out}")
+    for path in written if len(written) <= 12 else []:
+        print(f"  {path.relative_to(out)}")
     return 0
 
 
@@ -138,18 +178,31 @@ def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs that stopped part-way")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate from a finished run, optionally after test-time optimisation")
+    p = sub.add_parser("sample", help="generate from a finished run (text-to-image, img2img or inpainting), optionally "
+                                      "after test-time optimisation")
     p.add_argument("run", help="a run folder (<output_dir>/<concept>/<method>)")
     p.add_argument("--prompt", action="append", required=True, help="'{}' marks the subject; repeat for several")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", choices=["ddim", "dpm"], default="dpm")
+    p.add_argument("--image", default=None, help="start from this photo (img2img): the subject put into it")
+    p.add_argument("--mask", default=None, help="with --image: repaint only the mask's white part (inpainting)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much is repainted, 0-1 (default 0.75; 1 ignores the photo under the mask)")
     p.add_argument("--tto", action="store_true", help="CoRe test-time optimisation of the placeholder for each prompt")
     p.add_argument("--tto-steps", type=int, default=None, help="default: the method's (CoRe: 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="default: RUN/generated")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a finished run in another tool's format (diffusers, kohya, a1111, pipeline)")
+    p.add_argument("run", help="a finished run folder (<output_dir>/<concept>/<method>)")
+    p.add_argument("--format", required=True, choices=["diffusers", "kohya", "a1111", "pipeline"],
+                   help="diffusers: embeddings, LoRA, Custom Diffusion processors and LOADING.md; kohya: LoRA + embeddings "
+                        "for A1111 / Forge / ComfyUI; a1111: embeddings; pipeline: a whole merged diffusers pipeline")
+    p.add_argument("--out", default=None, help="a new folder (default RUN/exports/FORMAT)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="sample prompt sets from finished runs, score CLIP-T / CLIP-I / DINO, write reports")
     p.add_argument("runs", nargs="+", help="run folders, or folders holding runs")

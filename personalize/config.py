@@ -137,10 +137,32 @@ def load_method(name_or_path: str, overrides: dict[str, Any] | None = None, scal
         raise ConfigError(
             str(path), [f"unknown method {name_or_path!r}; available: {', '.join(available_methods())}"]
         )
-    raw = scale_recipe(read_yaml(path), scale)
+    raw = scale_recipe(method_data(path), scale)
     if overrides:
         raw = apply_overrides(raw, {**overrides, **_unscaled(overrides)} if scale else overrides, f"{path} (with overrides)")
     return validate(MethodSpec, raw, str(path))
+
+
+def method_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A method file's raw data. A file may be a variant of another method: `extends: <method>` takes that method's
+    data, `overrides:` sets dotted keys in it (stages by name, as on the command line), and the file's own top-level
+    keys (name, paper, summary, ...) replace the parent's."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return raw
+    parent_name = raw.pop("extends")
+    changes = raw.pop("overrides", None) or {}
+    parent = method_path(str(parent_name))
+    chain = (*seen, path.resolve())
+    if parent.resolve() in chain or not parent.is_file():
+        problem = f"extends {parent_name!r}: " + ("a method cannot extend itself" if parent.resolve() in chain
+                                                   else f"no such method; available: {', '.join(available_methods())}")
+        raise ConfigError(str(path), [problem])
+    if not isinstance(changes, dict):
+        raise ConfigError(str(path), [f"overrides: expected a mapping of dotted keys to values, got {type(changes).__name__}"])
+    data = apply_overrides(method_data(parent, chain), changes, str(path))
+    data.update(raw)
+    return data
 
 
 def _unscaled(overrides: dict[str, Any]) -> dict[str, Any]:

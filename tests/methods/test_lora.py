@@ -9,49 +9,13 @@ import re
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image
+from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from personalize.loop import run_method
 from personalize.method_spec import LoraSpec, StageSpec
 from personalize.params import stage_parameters
-
-RANK, ALPHA = 2, 8.0  # alpha != rank: a loader that ignored alpha would scale the adapters 4x wrong
-PROMPT = "a photo of a sks toy"  # the run's sample prompt "a photo of a {subject}"
-
-
-@pytest.fixture(scope="module")
-def lora_run(tiny_model, tmp_path_factory):
-    from tests.conftest import draw_concept, quick_spec
-
-    root = tmp_path_factory.mktemp("lora")
-    spec = quick_spec("dreambooth_lora", tiny_model, draw_concept(root / "images"), root / "out",
-                      stage_overrides={"lr": 1e-2, "steps": 3, "lora": {"rank": RANK, "alpha": ALPHA}},
-                      samples={"prompts": ["a photo of a {subject}"], "seeds": [0], "steps": 3})
-    outcome = run_method(spec, progress=False)
-    assert outcome.status == "finished"
-    return spec
-
-
-def own_sample(run_dir) -> np.ndarray:
-    """The run's sample (its grid holds one image below a 12-pixel label band)."""
-    grid = np.asarray(Image.open(run_dir / "samples.png").convert("RGB"), dtype=np.float32) / 255
-    return grid[12:]
-
-
-def user_pipeline(tiny_model) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def picture(pipe) -> np.ndarray:
-    image = pipe(PROMPT, num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
-    return np.asarray(image, dtype=np.float32) / 255
+from tests.methods.conftest import ALPHA, RANK, own_sample, picture, user_pipeline
 
 
 def test_only_the_adapters_train_and_only_they_are_saved(lora_run):
@@ -152,3 +116,33 @@ def test_a_stage_with_lora_selects_adapters_not_weights(spec_for, tiny_model):
     assert all(".attn1." in k or ".attn2." in k for k in chosen)
     # the weights under the adapters stay frozen and are not what a plain selector would now pick twice
     assert not any(p.requires_grad for n, p in ctx.models["unet"].named_parameters() if "base_layer" in n)
+
+
+@pytest.mark.parametrize("variant, parent, stage", [("core_lora", "core", "identity"),
+                                                    ("attndreambooth_lora", "attndreambooth", "subject_identity"),
+                                                    ("rare_two_stage_lora", "rare_two_stage", "model")])
+def test_a_lora_variant_is_its_parent_with_only_the_identity_stage_changed(variant, parent, stage):
+    from personalize.config import load_method
+
+    child, base = load_method(variant), load_method(parent)
+    assert child.name == variant
+    changed = [s.name for s, b in zip(child.stages, base.stages) if s != b]
+    assert changed == [stage] and len(child.stages) == len(base.stages) and child.test_time == base.test_time
+    lora_stage = next(s for s in child.stages if s.name == stage)
+    assert lora_stage.lora.rank == 4 and lora_stage.trainable == ["unet.attn"] and lora_stage.lr == 1e-4
+    assert child.model_dump(exclude={"name", "summary", "stages"}) == base.model_dump(exclude={"name", "summary", "stages"})
+
+
+def test_extends_names_the_problem(tmp_path):
+    from personalize.config import load_method
+    from personalize.errors import ConfigError
+
+    (tmp_path / "nope.yaml").write_text("extends: no_such_method\nname: nope\n")
+    with pytest.raises(ConfigError, match="extends 'no_such_method': no such method; available: .*core"):
+        load_method(str(tmp_path / "nope.yaml"))
+    (tmp_path / "loop.yaml").write_text(f"extends: {tmp_path / 'loop.yaml'}\nname: loop\n")
+    with pytest.raises(ConfigError, match="cannot extend itself"):
+        load_method(str(tmp_path / "loop.yaml"))
+    (tmp_path / "bad.yaml").write_text("extends: core\nname: bad\noverrides: {stages.nostage.lr: 1.0}\n")
+    with pytest.raises(ConfigError, match="no item named 'nostage'"):
+        load_method(str(tmp_path / "bad.yaml"))

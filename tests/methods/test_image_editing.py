@@ -1,0 +1,54 @@
+"""`personalize sample --image [--mask]`: img2img and inpainting with a run's learned state (a LoRA run and a
+learned-token run), through the command line a user calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from personalize.cli import main
+
+
+def photo_and_mask(folder):
+    photo = Image.new("RGB", (64, 64), (30, 90, 200))
+    photo.paste((240, 200, 40), (8, 8, 56, 56))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half only
+    photo.save(folder / "photo.png")
+    mask.save(folder / "mask.png")
+    return folder / "photo.png", folder / "mask.png"
+
+
+def pictures(out, seeds=(0, 1)) -> list[np.ndarray]:
+    return [np.asarray(Image.open(out / f"prompt00-seed{s}.png"), dtype=np.float32) / 255 for s in seeds]
+
+
+@pytest.mark.parametrize("which", ["lora_run", "custom_diffusion_run"])
+def test_img2img_starts_from_the_photo_and_inpainting_keeps_what_the_mask_leaves(which, request, tmp_path):
+    run = request.getfixturevalue(which).run_dir
+    photo, mask = photo_and_mask(tmp_path)
+    common = ["sample", str(run), "--prompt", "a {} on the beach", "--seeds", "0", "1", "--steps", "4", "--device", "cpu"]
+
+    assert main([*common, "--image", str(photo), "--strength", "0.5", "--out", str(tmp_path / "i2i")]) == 0
+    assert main([*common, "--image", str(photo), "--strength", "1.0", "--out", str(tmp_path / "i2i-full")]) == 0
+    start = np.asarray(Image.open(photo), dtype=np.float32) / 255
+    half, full = pictures(tmp_path / "i2i"), pictures(tmp_path / "i2i-full")
+    # less strength keeps more of the photo
+    assert np.abs(half[0] - start).mean() < np.abs(full[0] - start).mean()
+    assert half[0].shape == (64, 64, 3) and not np.array_equal(half[0], half[1])
+
+    assert main([*common, "--image", str(photo), "--mask", str(mask), "--strength", "1.0", "--out", str(tmp_path / "inpaint")]) == 0
+    a, b = pictures(tmp_path / "inpaint")
+    left, right = np.abs(a - b)[:, :24].mean(), np.abs(a - b)[:, 40:].mean()
+    assert left > 3 * right  # the seeds repaint the masked half differently; the other half is the photo's in both
+
+
+def test_bad_edit_arguments_fail_before_any_model_is_loaded(lora_run, tmp_path, capsys):
+    photo, _ = photo_and_mask(tmp_path)
+    assert main(["sample", str(lora_run.run_dir), "--prompt", "a {}", "--mask", str(photo)]) == 2
+    assert "--mask needs --image" in capsys.readouterr().err
+    assert main(["sample", str(lora_run.run_dir), "--prompt", "a {}", "--image", str(photo), "--strength", "1.5"]) == 2
+    assert "--strength must be in (0, 1]" in capsys.readouterr().err
+    assert main(["sample", str(lora_run.run_dir), "--prompt", "a {}", "--image", str(tmp_path / "none.png")]) == 2
+    assert "none.png: no such file" in capsys.readouterr().err
