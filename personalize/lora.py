@@ -54,19 +54,26 @@ def add_adapters(models: dict[str, nn.Module], stages: list[StageSpec], seed: in
     return adapted
 
 
+CLIP_ROOT = "text_model."  # where CLIP's layers sit in SD checkpoints (transformers 5 builds them without it)
+
+
 def adapter_layers(learned: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
-    """One model's adapters in peft's saved layout: '<module>.lora_A.weight' (what diffusers writes and loads)."""
+    """One model's adapters in peft's saved layout: '<module>.lora_A.weight' (what diffusers writes and loads), text
+    encoder modules named as in SD's CLIP ('text_model.encoder.layers.0...'), as other tools' LoRA files name them."""
     layers = {}
     for key, value in learned.items():
         model, name = key.split(".", 1)
         if model == model_name and adapted_name(name) is not None:
+            if model == "text_encoder" and not name.startswith(CLIP_ROOT):
+                name = CLIP_ROOT + name
             layers[name.replace(f".{ADAPTER_NAME}.", ".")] = value.detach().cpu().contiguous()
     return layers
 
 
 def adapter_metadata(layers: dict[str, torch.Tensor], spec: LoraSpec) -> dict:
-    """The LoRA config diffusers stores beside the weights, so an alpha other than the rank loads as trained."""
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in layers})
+    """The LoRA config diffusers stores beside the weights, so an alpha other than the rank loads as trained. Its
+    module names match by suffix, so they are given without CLIP's root and fit either CLIP layout."""
+    modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix(CLIP_ROOT) for k in layers})
     return {"r": spec.rank, "lora_alpha": spec.scale_alpha, "lora_dropout": spec.dropout, "target_modules": modules,
             "bias": "none", "init_lora_weights": True, "use_dora": False}
 

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from personalize.loop import run_method
 from personalize.method_spec import LoraSpec, StageSpec
 from personalize.params import stage_parameters
 from tests.methods.conftest import ALPHA, RANK, own_sample, picture, user_pipeline
@@ -146,3 +147,37 @@ def test_extends_names_the_problem(tmp_path):
     (tmp_path / "bad.yaml").write_text("extends: core\nname: bad\noverrides: {stages.nostage.lr: 1.0}\n")
     with pytest.raises(ConfigError, match="no item named 'nostage'"):
         load_method(str(tmp_path / "bad.yaml"))
+
+
+def test_text_encoder_lora_with_a_learned_token_loads_in_diffusers_and_kohya(tiny_model, tmp_path, caplog):
+    """A stage training the token and rank-2 adapters on the text encoder's attention and the UNet's cross-attention:
+    both adapter sets, and the token, load the way diffusers users load them and give the run's sample."""
+    from tests.conftest import draw_concept, quick_spec
+
+    spec = quick_spec("textual_inversion", tiny_model, draw_concept(tmp_path / "images"), tmp_path / "out",
+                      stage_overrides={"lr": 1e-2, "steps": 3, "trainable": ["placeholder", "text_encoder.attn", "unet.attn2"],
+                                       "lora": {"rank": 2}},
+                      samples={"prompts": ["a photo of a {subject}"], "seeds": [0], "steps": 3})
+    assert run_method(spec, progress=False).status == "finished"
+    run = spec.run_dir
+    layers = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    text = [k for k in layers if k.startswith("text_encoder.")]
+    assert len(text) == 2 * 4 * 2 and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text)  # 2 layers x q, k, v, out x (A, B)
+    assert any(k.startswith("unet.") and ".attn2." in k for k in layers)
+    kohya = load_file(str(run / "blob.lora.safetensors"))
+    assert {k.split("_text_model")[0] for k in kohya if "_text_model" in k} == {"lora_te"}
+
+    prompt = "a photo of a <blob>"
+    for weight_name in ("pytorch_lora_weights.safetensors", "blob.lora.safetensors"):
+        pipe = user_pipeline(tiny_model)
+        pipe.load_textual_inversion(str(run / "learned_embeds.safetensors"))
+        with caplog.at_level(logging.WARNING):
+            pipe.load_lora_weights(str(run), weight_name=weight_name)
+        assert not [r.message for r in caplog.records if re.search(r"unexpected keys|missing keys|No LoRA keys", r.message)]
+        assert np.abs(picture(pipe, prompt) - own_sample(run)).mean() <= 1e-4, weight_name
+        assert sum("lora_A" in n for n, _ in pipe.text_encoder.named_parameters()) == 2 * 4  # every adapter loaded
+    from personalize.sampling import LoadedRun, generate
+
+    loaded = LoadedRun(run, device="cpu")
+    image = generate(loaded.pipeline("ddim"), [prompt], [0], 64, steps=3)[0]
+    assert np.abs(np.asarray(image, dtype=np.float32) / 255 - own_sample(run)).mean() <= 1e-4

@@ -11,11 +11,11 @@ from tests.conftest import draw_concept
 def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> str:
     concepts = concepts or [{"id": "ball", "images": str(draw_concept(folder / "ball", n=3)), "super_category": "ball"}]
     config = {
-        "name": "test-batch", "model": str(tiny_model), "methods": ["textual_inversion", "rare_two_stage"],
+        "name": "test-batch", "model": str(tiny_model), "methods": ["textual_inversion", "rare_two_stage_lora"],
         "concepts": concepts, "storage": str(storage), "resolution": 64, "latent_variants": 1,
         "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
         "method_overrides": {"textual_inversion": {"stages.embedding.steps": 3, "stages.embedding.batch_size": 1},
-                             "rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}},
+                             "rare_two_stage_lora": {"stages.token.steps": 2, "stages.model.steps": 2}},
         "evaluation": {"prompts": "personalize_eval", "samples": 1, "steps": 1, "clip": str(scorers[0]), "dino": str(scorers[1])},
         "resources": {"max_concurrent_runs": 2},
         "tracking": {"enabled": False},

@@ -78,7 +78,7 @@ def test_good_runs_finish_and_bad_concepts_are_reported(tracked):
     twin = bad.loc["twin", "reason"].iloc[0]
     assert "appears more than once" in twin and "twin-a" in twin and "twin-b" in twin
     markdown = (tracked["store"] / "results" / "results.md").read_text()
-    assert "| ball | textual_inversion | finished |" in markdown and "| broken | rare_two_stage | failed |" in markdown
+    assert "| ball | textual_inversion | finished |" in markdown and "| broken | rare_two_stage_lora | failed |" in markdown
     assert (tracked["store"] / "results" / "comparison" / "scatter.png").is_file()
 
 
@@ -104,8 +104,9 @@ def test_mlflow_layout(tracked):
                  for a in client.list_artifacts(ti.info.run_id, folder)}
     assert {"learned/learned_embeds.safetensors", "evaluation/scores.csv", "config/config.resolved.json",
             "attention/stage-00-embedding.png", "samples/samples.png"} <= artifacts
-    rare = by_key[("ball", "rare_two_stage")]
-    assert "learned/unet.safetensors" in {a.path for a in client.list_artifacts(rare.info.run_id, "learned")}
+    rare = by_key[("ball", "rare_two_stage_lora")]
+    assert {"learned/pytorch_lora_weights.safetensors", "learned/learned_embeds.safetensors"} <= \
+        {a.path for a in client.list_artifacts(rare.info.run_id, "learned")}  # (rare)'s identity stage as LoRA
     failed = by_key[("empty", "textual_inversion")]
     assert failed.info.status == "FAILED" and "concept 'empty'" in failed.data.tags["failure_reason"]
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "results")} >= {"results/results.md", "results/results.parquet"}
@@ -129,6 +130,10 @@ def test_models_are_registered_with_the_best_run_aliased_and_generate(tracked):
     out = model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [3]}), params={"steps": 2})
     assert out["prompt"][0].endswith("on the beach") and "{}" not in out["prompt"][0]
     assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (64, 64)
+    lora = next(v for v in versions if runs[v.run_id].data.tags["method"] == "rare_two_stage_lora")
+    lora_model = mlflow.pyfunc.load_model(f"models:/tracked.ball/{lora.version}")  # LoRA adapters through diffusers' loader
+    lora_out = lora_model.predict(pd.DataFrame({"prompt": ["a {} on the beach"], "seed": [3]}), params={"steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(lora_out["image_png"][0]))).size == (64, 64)
 
 
 def test_the_jobs_ray_worker_logs_are_kept_under_the_storage_root_and_in_mlflow(tracked):
@@ -198,13 +203,13 @@ def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(tracked, tiny_mo
     """The same batch again in new storage, with a fault in the second stage: the same weights as the clean run."""
     concept = [{"id": "ball", "images": str(tracked["images"]), "super_category": "ball"}]
     monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"model:1:{tmp_path / 'fault-marker'}")
-    faulty = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", concept, methods=["rare_two_stage"],
-                        method_overrides={"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}}, evaluation=None, samples={"steps": 1, "seeds": [0], "heatmaps": True})
+    faulty = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", concept, methods=["rare_two_stage_lora"],
+                        method_overrides={"rare_two_stage_lora": {"stages.token.steps": 2, "stages.model.steps": 2}}, evaluation=None, samples={"steps": 1, "seeds": [0], "heatmaps": True})
     assert main([faulty]) == 0
     assert (tmp_path / "fault-marker").is_file()  # the fault happened, in the second stage
-    clean = tracked["store"] / "runs" / "ball" / "rare_two_stage"
-    resumed = tmp_path / "store" / "runs" / "ball" / "rare_two_stage"
-    for name in ("learned_embeds.safetensors", "unet.safetensors"):
+    clean = tracked["store"] / "runs" / "ball" / "rare_two_stage_lora"
+    resumed = tmp_path / "store" / "runs" / "ball" / "rare_two_stage_lora"
+    for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors"):  # a LoRA run, resumed on Ray
         a, b = load_file(str(clean / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     ray_runs = list((tmp_path / "store" / "ray").iterdir())
@@ -224,7 +229,7 @@ def test_a_failed_evaluation_is_reported_and_keeps_the_trained_runs(tracked, tmp
     missing = tmp_path / "no-clip-here"
     missing.mkdir()  # a folder (a missing one is refused before anything starts) that holds no CLIP model
     runs = tracked["store"] / "runs" / "ball"
-    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage")}
+    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage_lora")}
     assert main([tracked["config"], f"evaluation.clip={missing}", "tracking.enabled=false"]) == 0  # runs stand
     assert "evaluation failed: " in capsys.readouterr().out
     frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
@@ -238,7 +243,7 @@ def test_a_run_folder_of_another_configuration_fails_that_run_and_is_kept(tracke
     """Resubmitting with settings that change the learned result, into the same storage: nothing is trained over
     the finished runs, each is reported failed with the reason, and their folders stay as they were."""
     runs = tracked["store"] / "runs" / "ball"
-    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage")}
+    done = {m: (runs / m / "DONE.json").read_text() for m in ("textual_inversion", "rare_two_stage_lora")}
     assert main([tracked["config"], "latent_variants=2", "tracking.enabled=false"]) == 1  # every run failed
     frame = pd.read_parquet(tracked["store"] / "results" / "results.parquet")
     ball = frame[frame["concept"] == "ball"]

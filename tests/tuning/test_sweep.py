@@ -42,10 +42,10 @@ def sweep_file(folder: Path, batch: str, **extra) -> str:
 
 def base_batch(folder: Path, tiny_model, scorers, tracking=None, **extra) -> str:
     concept = [{"id": "ball", "images": str(draw_concept(folder / "ball", n=3)), "super_category": "ball"}]
-    return batch_file(folder, tiny_model, scorers, folder / "store", concept, methods=["rare_two_stage"],
+    return batch_file(folder, tiny_model, scorers, folder / "store", concept, methods=["rare_two_stage_lora"],
                       evaluation={"prompts": "personalize_eval", "samples": 1, "steps": 1, "clip": str(scorers[0]), "dino": str(scorers[1])},
                       tracking=tracking or {"enabled": False},
-                      method_overrides={"rare_two_stage": {"stages.token.steps": 2, "stages.model.steps": 2}}, **extra)
+                      method_overrides={"rare_two_stage_lora": {"stages.token.steps": 2, "stages.model.steps": 2}}, **extra)
 
 
 def test_asha_sweep_stops_trials_on_validation_and_exports_a_runnable_best_config(local_ray, tiny_model, tiny_scorers, tmp_path):
@@ -76,7 +76,7 @@ def test_asha_sweep_stops_trials_on_validation_and_exports_a_runnable_best_confi
     from personalize.cli import main as cli
 
     assert cli(["train", str(best_path)]) == 0
-    assert (tmp_path / "best-runs" / "ball" / "rare_two_stage" / "DONE.json").is_file()
+    assert (tmp_path / "best-runs" / "ball" / "rare_two_stage_lora" / "DONE.json").is_file()
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
@@ -102,9 +102,10 @@ def test_optuna_pareto_and_resume_of_an_interrupted_sweep(local_ray, tiny_model,
                             stderr=subprocess.STDOUT, start_new_session=True)
     trials_dir = tmp_path / "store" / "trials"
     deadline = time.time() + 600
-    while time.time() < deadline and not list(trials_dir.glob("*/runs/ball/rare_two_stage/eval/*/metrics.json")):
+    while time.time() < deadline and not list(trials_dir.glob("*/runs/ball/rare_two_stage_lora/eval/*/metrics.json")):
         time.sleep(2)
-    first = list(trials_dir.glob("*/runs/ball/rare_two_stage/DONE.json"))
+    # the trials evaluated in full (a later trial may have written DONE.json and be cut short in its evaluation)
+    first = [m.parents[2] / "DONE.json" for m in trials_dir.glob("*/runs/ball/rare_two_stage_lora/eval/*/metrics.json")]
     assert first, "no trial finished before the deadline"
     os.killpg(proc.pid, signal.SIGINT)  # interrupt the sweep after its first finished trial
     proc.wait(timeout=180)
