@@ -56,7 +56,8 @@ def cmd_draw_concepts(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from personalize.sampling import LoadedRun, generate, generate_from_image, image_grid
+    from personalize.image_editing import generate_from_image
+    from personalize.sampling import LoadedRun, generate, image_grid
 
     start, mask = _edit_inputs(args)
     run = LoadedRun(args.run, device=args.device)

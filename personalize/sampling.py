@@ -50,45 +50,14 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
         shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, pipe.unet.dtype)
         kwargs = {"eta": eta} if isinstance(pipe.scheduler, DDIMScheduler) else {}
-        with _autocast_if_mixed(pipe):
+        with autocast_if_mixed(pipe):
             out = pipe(p, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
                        latents=latents, output_type="pil", **kwargs)
         images += out.images
     return images
 
 
-def build_edit_pipeline(components, scheduler: str = "ddim", inpaint: bool = False):
-    """An img2img (or, with `inpaint`, inpainting) pipeline over the same modules. A 4-channel UNet inpaints through
-    the pipeline's mask blending: outside the mask each step's latents are the photo's, re-noised to that step."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-
-    base = build_pipeline(components, scheduler)
-    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
-    pipe = cls(**base.components, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def generate_from_image(pipe, prompts: Sequence[str], seeds: Sequence[int], image: Image.Image, resolution: int,
-                        mask: Image.Image | None = None, strength: float = 0.75, steps: int = 50,
-                        guidance_scale: float = 7.5) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, each starting from `image` (and repainting only `mask`'s white part)."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}: the share of the steps that repaint the image")
-    init = image.convert("RGB").resize((resolution, resolution))
-    extra = {"mask_image": mask.convert("L").resize((resolution, resolution)), "height": resolution, "width": resolution} \
-        if mask is not None else {}
-    images = []
-    for prompt, seed in zip(prompts, seeds):
-        with _autocast_if_mixed(pipe):
-            out = pipe(prompt=prompt, image=init, strength=strength, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(int(seed)), **extra)
-        images.append(out.images[0])
-    return images
-
-
-def _autocast_if_mixed(pipe):
+def autocast_if_mixed(pipe):
     """Modules kept in different dtypes (trained fp32 UNet, bf16 VAE) run under autocast; modules all in one
     dtype run without it (autocast would run their normalisations in fp32 and cast around every op)."""
     import contextlib
@@ -208,4 +177,6 @@ class LoadedRun:
         return build_pipeline(self.components, scheduler)
 
     def edit_pipeline(self, scheduler: str = "ddim", inpaint: bool = False):
+        from personalize.image_editing import build_edit_pipeline
+
         return build_edit_pipeline(self.components, scheduler, inpaint)

@@ -52,3 +52,38 @@ def test_bad_edit_arguments_fail_before_any_model_is_loaded(lora_run, tmp_path, 
     assert "--strength must be in (0, 1]" in capsys.readouterr().err
     assert main(["sample", str(lora_run.run_dir), "--prompt", "a {}", "--image", str(tmp_path / "none.png")]) == 2
     assert "none.png: no such file" in capsys.readouterr().err
+
+
+def test_the_blending_callback_keeps_the_photos_latents_outside_the_mask(lora_run, tmp_path):
+    """The inpainting path of UNets whose latent channels diffusers' inpainting pipeline refuses (the world's 8):
+    img2img with a step callback. After the last step the latents outside the mask are exactly the photo's."""
+    import torch
+
+    from personalize.image_editing import KeepOutsideMask, generate_from_image
+    from personalize.sampling import LoadedRun
+
+    run = LoadedRun(lora_run.run_dir, device="cpu")
+    pipe = run.edit_pipeline("ddim", inpaint=False)  # img2img: the callback does the blending
+    photo_path, mask_path = photo_and_mask(tmp_path)
+    photo, mask = Image.open(photo_path), Image.open(mask_path)
+    seen = []
+
+    class Spy(KeepOutsideMask):
+        def __call__(self, pipe, index, timestep, kwargs):
+            out = super().__call__(pipe, index, timestep, kwargs)
+            seen.append((self.photo, self.keep, out["latents"]))
+            return out
+
+    import personalize.image_editing as editing
+
+    original = editing.KeepOutsideMask
+    editing.KeepOutsideMask = Spy
+    try:
+        images = generate_from_image(pipe, [run.fill("a {} on the beach")], [0], photo, 64, mask, strength=1.0, steps=4)
+    finally:
+        editing.KeepOutsideMask = original
+    photo_latents, keep, final = seen[-1]
+    assert len(seen) == 4 and images[0].size == (64, 64)
+    assert keep.sum() > 0 and (1 - keep).sum() > 0  # both halves present at the latents' resolution
+    assert torch.equal(final * keep, photo_latents * keep)
+    assert not torch.allclose(final * (1 - keep), photo_latents * (1 - keep))
