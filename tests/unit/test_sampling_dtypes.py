@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from personalize.sampling import _autocast_if_mixed
+from personalize.sampling import autocast_if_mixed
 
 
 def pipe_of(*dtypes):
@@ -14,11 +14,11 @@ def pipe_of(*dtypes):
 
 def test_modules_in_one_dtype_run_without_autocast():
     for dtype in (torch.float32, torch.bfloat16):
-        with _autocast_if_mixed(pipe_of(dtype, dtype, dtype)):
+        with autocast_if_mixed(pipe_of(dtype, dtype, dtype)):
             assert not torch.is_autocast_enabled("cpu")
 
 
 def test_a_trained_fp32_unet_beside_a_bf16_vae_runs_under_bf16_autocast():
-    with _autocast_if_mixed(pipe_of(torch.float32, torch.bfloat16, torch.bfloat16)):
+    with autocast_if_mixed(pipe_of(torch.float32, torch.bfloat16, torch.bfloat16)):
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
