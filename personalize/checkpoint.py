@@ -3,6 +3,7 @@
 A checkpoint folder holds:
   learned.safetensors     every parameter trained so far ('unet.<name>', 'text_encoder.<name>')
   optimizer.safetensors   AdamW moments by parameter name (mid-stage checkpoints only)
+  hooks.safetensors       tensors stage hooks keep, e.g. an EMA's shadow (mid-stage checkpoints only)
   cursor.json             stage index, optimizer steps done in it, config hash, seed, stage state
 Randomness is derived from (seed, stage, step), so the cursor is all the RNG state a resume needs.
 Folders are written under a temporary name and renamed into place: a crash never leaves a torn one.
@@ -41,6 +42,7 @@ class Checkpoint:
     cursor: Cursor
     learned: dict[str, torch.Tensor]
     optimizer: dict | None
+    hook_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
@@ -95,9 +97,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], saved:
 
 
 def save(directory: Path, cursor: Cursor, learned: dict[str, torch.Tensor],
-         optimizer: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+         optimizer: tuple[dict[str, torch.Tensor], dict] | None = None, hook_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in learned.items()}, str(tmp / "learned.safetensors"))
+        if hook_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in hook_tensors.items()}, str(tmp / "hooks.safetensors"))
         if optimizer is not None:
             save_file(optimizer[0], str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(optimizer[1]))
@@ -115,7 +119,8 @@ def load(directory: Path) -> Checkpoint:
             "tensors": load_file(str(directory / "optimizer.safetensors")),
             "meta": json.loads((directory / "optimizer.json").read_text()),
         }
-    return Checkpoint(directory, cursor, learned, optimizer)
+    hooks = load_file(str(directory / "hooks.safetensors")) if (directory / "hooks.safetensors").is_file() else {}
+    return Checkpoint(directory, cursor, learned, optimizer, hooks)
 
 
 def latest_cursor(run_dir: Path) -> tuple[Cursor, Path] | None:

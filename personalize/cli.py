@@ -56,7 +56,7 @@ def cmd_draw_concepts(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from personalize.image_editing import generate_from_image
+    from personalize.image_editing import build_edit_pipeline, generate_from_image
     from personalize.sampling import LoadedRun, generate, image_grid
 
     start, mask = _edit_inputs(args)
@@ -76,7 +76,8 @@ def cmd_sample(args) -> int:
             images = generate(run.pipeline(args.scheduler), [prompt] * len(args.seeds), args.seeds, run.spec.resolution,
                               args.steps, args.guidance)
         else:
-            images = generate_from_image(run.edit_pipeline(args.scheduler, inpaint=mask is not None), [prompt] * len(args.seeds),
+            edit = build_edit_pipeline(run.components, args.scheduler, inpaint=mask is not None)
+            images = generate_from_image(edit, [prompt] * len(args.seeds),
                                          args.seeds, start, run.spec.resolution, mask, args.strength, args.steps, args.guidance)
         for seed, image in zip(args.seeds, images):
             image.save(out / f"prompt{index:02d}-seed{seed}.png")

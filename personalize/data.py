@@ -76,19 +76,27 @@ def encode_variants(vae, variants: list[Variant], device: torch.device, dtype: t
 
 
 def instance_bank(images: list[Image.Image], preset: str, size: int, variants_per_image: int, vae, seed: int,
-                  device: torch.device, dtype: torch.dtype) -> LatentBank:
+                  device: torch.device, dtype: torch.dtype, masks: list[Image.Image] | None = None) -> LatentBank:
+    """Every photo's augmented variants, encoded. With `masks` (white = subject), each mask goes through the same
+    augmentation as its photo (the same random draws) and becomes the variant's loss mask at latent resolution,
+    multiplied into any mask the preset makes itself (Custom Diffusion's pasted box)."""
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    variants = [
-        augment(image, preset, size, vae_scale, generator(seed, "augment", i, k))
-        for i, image in enumerate(images)
-        for k in range(variants_per_image)
-    ]
+    variants = []
+    for i, image in enumerate(images):
+        for k in range(variants_per_image):
+            variant = augment(image, preset, size, vae_scale, generator(seed, "augment", i, k))
+            if masks is not None:
+                shape = augment(masks[i].convert("L").resize(image.size).convert("RGB"), preset, size, vae_scale,
+                                generator(seed, "augment", i, k))
+                subject = torch.nn.functional.avg_pool2d((shape.pixels[:1] + 1) / 2, vae_scale)
+                variant.mask = subject if variant.mask is None else variant.mask * subject
+            variants.append(variant)
     mean, std = encode_variants(vae, variants, device, dtype)
-    masks = None
+    masks_out = None
     if any(v.mask is not None for v in variants):
         ones = torch.ones(1, size // vae_scale, size // vae_scale)
-        masks = torch.stack([v.mask if v.mask is not None else ones for v in variants])
-    return LatentBank(mean, std, [v.caption_prefix for v in variants], masks, vae.config.scaling_factor)
+        masks_out = torch.stack([v.mask if v.mask is not None else ones for v in variants])
+    return LatentBank(mean, std, [v.caption_prefix for v in variants], masks_out, vae.config.scaling_factor)
 
 
 def bank_key(model_fingerprint: str, image_files: list[Path], preset: str, size: int, variants: int, seed: int) -> str:

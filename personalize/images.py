@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.errors import ConceptError
 from personalize.storage import is_s3, localize
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CAPTION_SUFFIXES = {".txt"}
@@ -77,6 +80,37 @@ def load_concept_images(concept_id: str, folder: str | Path, resolution: int) ->
 
 
 CAPTION_SLOTS = ("{placeholder}", "{class}")
+APPEARANCE = set("""red orange yellow green blue purple violet pink brown black white grey gray golden gold silver beige
+teal turquoise cyan magenta maroon navy striped stripes stripy spotted spots dotted dots polka checkered checked plaid
+tartan furry fluffy shiny glossy matte wooden metal metallic plastic glass ceramic leather woolen knitted""".split())
+ARTICLES = {"a", "an", "the", "my", "our", "this", "that"}
+BOUNDARIES = {"on", "in", "at", "under", "over", "near", "by", "beside", "behind", "next", "inside", "and", "of"}
+
+
+def appearance_words(caption: str) -> list[str]:
+    """Colour, pattern and material words describing the subject in a caption: before {placeholder} back to its
+    article, between it and {class}, and in a 'with ...' right after them (up to the next preposition). Words
+    about the scene ('on the green grass') are not the subject's."""
+    words = caption.replace(",", " ").split()
+    if "{placeholder}" not in words:
+        return []
+    at = words.index("{placeholder}")
+    found = []
+    i = at - 1
+    while i >= 0 and words[i].lower() not in ARTICLES | BOUNDARIES:
+        found.append(words[i])
+        i -= 1
+    j = at + 1
+    while j < len(words) and words[j] != "{class}" and words[j].lower() not in BOUNDARIES | {"with"}:
+        found.append(words[j])
+        j += 1
+    j += 1 if j < len(words) and words[j] == "{class}" else 0
+    if j < len(words) and words[j].lower() == "with":
+        j += 1
+        while j < len(words) and words[j].lower() not in BOUNDARIES:
+            found.append(words[j])
+            j += 1
+    return [w for w in found if w.lower().strip(".!?") in APPEARANCE]
 
 
 def load_concept_captions(concept_id: str, folder: str | Path) -> list[str | None]:
@@ -103,6 +137,11 @@ def load_concept_captions(concept_id: str, folder: str | Path) -> list[str | Non
             raise ConceptError(concept_id, f"caption {caption_file.name} reads {caption!r}",
                                "name the subject with {placeholder} (and its class with {class}, if at all); "
                                "no other braces")
+        details = appearance_words(caption)
+        if details:
+            log.warning("concept %r: caption %s describes the subject's own look (%s): the token learns only what "
+                        "captions leave out, so leave the subject's colours, patterns and materials to it",
+                        concept_id, caption_file.name, ", ".join(details))
         captions.append(caption)
     return captions
 

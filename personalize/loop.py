@@ -30,7 +30,7 @@ from personalize.outcome import RunOutcome
 from personalize.params import set_trainable, trained_parameters
 from personalize.run_context import RunContext
 from personalize.run_settings import RunSpec
-from personalize.stage_hooks import build_hooks, hooks_state
+from personalize.stage_hooks import build_hooks, finish_hooks, hooks_state, hooks_tensors, sampling_weights
 from personalize.step_engine import StepEngine
 from personalize.validation import Schedule, Validator
 
@@ -71,14 +71,14 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     trainable = set_trainable(ctx.models, stage)
     names = list(trainable)
     optimizer = make_optimizer(list(trainable.values()), stage)
-    start, stage_state = 0, {}
+    start, stage_state, hook_tensors = 0, {}, {}
     if resume is not None and resume.cursor.stage_index == index and resume.optimizer is not None:
         ckpt.restore_optimizer(optimizer, names, resume.optimizer)
-        start, stage_state = resume.cursor.step, resume.cursor.stage_state
+        start, stage_state, hook_tensors = resume.cursor.step, resume.cursor.stage_state, resume.hook_tensors
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     if "scaler" in stage_state:
         scaler.load_state_dict(stage_state["scaler"])
-    hooks = build_hooks(ctx, stage, stage_state)
+    hooks = build_hooks(ctx, stage, {**stage_state, "tensors": hook_tensors})
     terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
     needs = combined_needs(stage.losses)
     capture = needs.capture.merge(needs.context_capture) if needs.capture else needs.context_capture
@@ -124,14 +124,17 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                 done = step + 1
                 if validator is not None and validator.due(global_step + done):
                     readback.flush(report)  # weights are validated only once their step's loss was seen to be finite
-                    validate(ctx, validator, sink, global_step + done, stage.name, rank)
+                    with sampling_weights(hooks):
+                        validate(ctx, validator, sink, global_step + done, stage.name, rank)
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
                     readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
                     state = {"seconds": time.perf_counter() - began, **hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
                     ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
-                              learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))))
+                              learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))),
+                              hooks_tensors(hooks))
         finally:  # the last step's losses, also when a step fails after it
             readback.flush(report)
+        finish_hooks(hooks)
     for p in trainable.values():
         p.requires_grad_(False)
     return StageResult(stage.name, stage.steps - start, time.perf_counter() - began, last)

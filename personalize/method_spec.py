@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 RECORD_ONLY = {"model_lr_scale", "model_steps_scale"}  # stage fields that record how numbers came about
 # stage fields added after runs were finished: hashed only when set otherwise, so those runs keep their hash
-HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant", "noise_offset": 0.0, "lora": None}
+HASHED_WHEN_SET = {"optimizer": "adamw", "lr_schedule": "constant", "noise_offset": 0.0, "lora": None, "ema_decay": None}
 
 
 class Strict(BaseModel):
@@ -99,6 +99,8 @@ class StageSpec(Strict):
     model_lr_scale: float = Field(default=1.0, gt=0)
     model_steps_scale: float = Field(default=1.0, gt=0)  # likewise for steps
     lora: LoraSpec | None = None  # the selected UNet / text-encoder parts train as LoRA adapters
+    # an EMA of the trained weights, sampled, validated and exported instead of them (personalize/ema.py)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
 
     @property
     def lora_targets(self) -> list[str]:

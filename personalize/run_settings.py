@@ -116,6 +116,8 @@ class RunSettings(Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     checkpoint_every: int = Field(default=0, ge=0)
     latent_variants: int = Field(default=16, ge=1)  # augmented copies of each photo, encoded once (see data.py)
+    # the denoising loss counts only the subject: each concept's `masks` folder, augmented with its photos
+    masked_loss: bool = False
     samples: SampleSpec = SampleSpec()
     validation: ValidationSpec | None = None
 
@@ -178,6 +180,8 @@ class RunSpec(RunSettings):
         # validation changes what a run exports only when it picks the best point
         if payload["validation"] is None or payload["validation"]["selection"] == "last":
             del payload["validation"]
+        if not payload["masked_loss"]:  # added after runs were finished: hashed only when on
+            del payload["masked_loss"]
         for stage in payload["method"]["stages"] + ([payload["method"]["test_time"]] if payload["method"]["test_time"] else []):
             for key, default in HASHED_WHEN_SET.items():
                 if stage.get(key) == default:

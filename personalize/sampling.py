@@ -175,8 +175,3 @@ class LoadedRun:
 
     def pipeline(self, scheduler: str = "ddim") -> StableDiffusionPipeline:
         return build_pipeline(self.components, scheduler)
-
-    def edit_pipeline(self, scheduler: str = "ddim", inpaint: bool = False):
-        from personalize.image_editing import build_edit_pipeline
-
-        return build_edit_pipeline(self.components, scheduler, inpaint)

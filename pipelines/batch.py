@@ -105,7 +105,7 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     from personalize.models import resolve_model_path
     from personalize.outcome import RunOutcome
     from pipelines.evaluate import evaluate_runs
-    from pipelines.prepare import encode_latents, generate_priors, refuse_class_words, validate_concepts
+    from pipelines.prepare import encode_latents, generate_priors, refuse_runs, validate_concepts
     from pipelines.storage import StorageRoot
     from pipelines.train import train_runs
 
@@ -129,7 +129,7 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     refused: dict[str, str] = {}
     if good:
         model_path = resolve_model_path(config.model)
-        refused = refuse_class_words(good, model_path)
+        refused = refuse_runs(good, model_path)
         good = [s for s in good if str(s.run_dir) not in refused]
     if good:
         encoded = encode_latents(good, config.model, model_path, actors, cap.use_gpu)

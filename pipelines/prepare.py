@@ -40,18 +40,21 @@ def validate_concepts(specs: list[RunSpec]) -> dict[str, str]:
     return bad
 
 
-def refuse_class_words(specs: list[RunSpec], model_path: Path) -> dict[str, str]:
-    """Run folder -> reason for every run whose method locates the class token while its concept's class is several
-    tokens ("fire truck" for AttnDreamBooth, say): refused here, with the tokenizer only, before training starts."""
+def refuse_runs(specs: list[RunSpec], model_path: Path) -> dict[str, str]:
+    """Run folder -> reason for every run that cannot train although its concept's photos are fine: its method
+    locates the class token while the class is several tokens ("fire truck" for AttnDreamBooth, say), or it masks
+    the loss and the concept's masks are missing. Refused here (tokenizer and file names only), before training."""
     from transformers import CLIPTokenizer
 
-    from personalize.run_context import check_class_words
+    from personalize.run_context import check_class_words, mask_files
 
     tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")
     refused = {}
     for spec in specs:
         try:
             check_class_words(spec, tokenizer)
+            if spec.masked_loss:
+                mask_files(spec)
         except ConceptError as e:
             refused[str(spec.run_dir)] = str(e)
             log.error("skipping %s / %s: %s", spec.concept.id, spec.method.name, redact(str(e)))
@@ -71,10 +74,12 @@ class LatentEncoder:
 
     def encode(self, spec: RunSpec):
         from personalize.data import instance_bank
+        from personalize.run_context import concept_masks
 
         images = load_concept_images(spec.concept.id, spec.concept.images, spec.resolution)
         return instance_bank(images, spec.method.augmentation, spec.resolution, spec.latent_variants,
-                             self.components.vae, spec.seed, self.device, next(self.components.vae.parameters()).dtype)
+                             self.components.vae, spec.seed, self.device, next(self.components.vae.parameters()).dtype,
+                             concept_masks(spec))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from functools import partial

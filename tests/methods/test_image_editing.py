@@ -59,11 +59,11 @@ def test_the_blending_callback_keeps_the_photos_latents_outside_the_mask(lora_ru
     img2img with a step callback. After the last step the latents outside the mask are exactly the photo's."""
     import torch
 
-    from personalize.image_editing import KeepOutsideMask, generate_from_image
+    from personalize.image_editing import KeepOutsideMask, build_edit_pipeline, generate_from_image
     from personalize.sampling import LoadedRun
 
     run = LoadedRun(lora_run.run_dir, device="cpu")
-    pipe = run.edit_pipeline("ddim", inpaint=False)  # img2img: the callback does the blending
+    pipe = build_edit_pipeline(run.components, "ddim", inpaint=False)  # img2img: the callback does the blending
     photo_path, mask_path = photo_and_mask(tmp_path)
     photo, mask = Image.open(photo_path), Image.open(mask_path)
     seen = []

@@ -9,7 +9,7 @@ import pandas as pd
 from personalize.data import LatentBank, cached_bank_path
 from personalize.run_context import instance_bank_key
 from personalize.run_folder import write_done
-from pipelines.prepare import LatentEncoder, latents_to_encode, refuse_class_words
+from pipelines.prepare import LatentEncoder, latents_to_encode, refuse_runs
 from tests.conftest import draw_concept, quick_spec
 
 
@@ -51,8 +51,8 @@ def test_a_class_of_several_tokens_refuses_only_the_methods_that_locate_the_clas
     images = draw_concept(tmp_path / "truck", n=2)
     methods = ["textual_inversion", "dreambooth", "attndreambooth", "core", "custom_diffusion"]
     runs = specs(tiny_model, images, tmp_path / "out", methods, "truck", "fire truck")
-    refused = refuse_class_words(runs, tiny_model)
+    refused = refuse_runs(runs, tiny_model)
     assert sorted(Path(r).name for r in refused) == ["attndreambooth", "core"]
     for reason in refused.values():
         assert "concept 'truck'" in reason and "'fire truck' is 2 CLIP tokens" in reason and "one-token word" in reason
-    assert refuse_class_words(specs(tiny_model, images, tmp_path / "one", methods, "truck", "truck"), tiny_model) == {}
+    assert refuse_runs(specs(tiny_model, images, tmp_path / "one", methods, "truck", "truck"), tiny_model) == {}

@@ -3,6 +3,7 @@ with {placeholder} and {class} filled; a caption that cannot be used fails its c
 
 import pytest
 import torch
+from PIL import Image
 
 from personalize.data import Batcher, LatentBank
 from personalize.errors import ConceptError
@@ -75,3 +76,35 @@ def test_a_method_that_locates_the_class_token_needs_it_after_the_placeholder_in
     (concept_dir / "0.txt").write_text("{placeholder} riding a bike")
     with pytest.raises(ConceptError, match="has no class word right after"):
         prepare_run(spec_for("attndreambooth"), progress=False)
+
+
+@pytest.mark.parametrize("caption, details", [
+    ("a purple {placeholder} {class} on a bike", ["purple"]),
+    ("a {placeholder} striped {class}", ["striped"]),
+    ("a {placeholder} {class} with yellow stripes on the grass", ["yellow", "stripes"]),
+    ("a {placeholder} {class} on the green grass", []),  # the scene's colour, not the subject's
+    ("a photo of a {placeholder} {class} in a red box", []),
+    ("{placeholder} {class}", []),
+])
+def test_the_words_a_caption_spends_on_the_subjects_look(caption, details):
+    from personalize.images import appearance_words
+
+    assert appearance_words(caption) == details
+
+
+def test_a_caption_describing_the_subjects_look_is_a_warning_naming_file_and_words(tmp_path, caplog):
+    import logging
+
+    from personalize.images import load_concept_captions
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a yellow {placeholder} {class} on a bike")
+    (folder / "b.txt").write_text("a {placeholder} {class} on a bike")
+    with caplog.at_level(logging.WARNING, logger="personalize.images"):
+        captions = load_concept_captions("duck", folder)
+    assert captions == ["a yellow {placeholder} {class} on a bike", "a {placeholder} {class} on a bike"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'duck'" in warnings[0] and "a.txt" in warnings[0] and "(yellow)" in warnings[0]
