@@ -8,10 +8,9 @@ validate, e.g. an EMA's) and `finish()` (after the stage's last update, before i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
-
-import contextlib
 
 from personalize import ema, faults, norm_lock
 
