@@ -74,13 +74,29 @@ def reached_final(metrics: dict) -> bool:
     return metrics.get("phase") == "final"
 
 
-def remove_trial_runs(root, sweep_name: str, trial_id: str) -> None:
-    """A stopped trial leaves no checkpoints behind, here or in the bucket (its results stay)."""
-    root.remove_tree(f"trials/{trial_id}/runs")
+def remove_trial_runs(root, sweep_name: str, trial_id: str, runs: list[str]) -> None:
+    """A stopped trial leaves no checkpoints behind, here or in the bucket (its results stay). `runs` are the
+    trial's run folders below trials/<id>/runs ('<concept>/<method>'): one that finished is kept, since a trial
+    counts as stopped also when the sweep was interrupted after its last step and before Tune heard of it."""
+    from personalize import storage
+    from personalize.run_folder import DONE
+
+    def finished(rel: str) -> bool:
+        return root.local(rel, DONE).is_file() or (root.remote and storage.exists(root.uri(rel, DONE)))
+
+    unfinished = [f"trials/{trial_id}/runs/{run}" for run in runs if not finished(f"trials/{trial_id}/runs/{run}")]
+    for rel in unfinished if len(unfinished) < len(runs) else [f"trials/{trial_id}/runs"]:
+        root.remove_tree(rel)
     root.remove_tree(f"ray/{sweep_name}-{trial_id}")
 
 
-def cleanup_callback(root, sweep_name: str):
+def trial_run_names(specs, root) -> list[str]:
+    """Where each of a trial's runs sits below its trials/<id>/runs folder."""
+    base = root.local("trials", "_", "runs")
+    return [str(Path(s.run_dir).relative_to(base)) for s in specs]
+
+
+def cleanup_callback(root, sweep_name: str, runs: list[str]):
     """Frees a stopped trial's space as soon as Tune stops it. Its Train worker ends with the trial's process, a
     moment later, and may still write a file meanwhile: the sweep removes stopped trials' runs once more at its end."""
     from ray.tune import Callback
@@ -88,7 +104,7 @@ def cleanup_callback(root, sweep_name: str):
     class CleanupStopped(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if not reached_final(trial.last_result):
-                remove_trial_runs(root, sweep_name, trial.trial_id)
+                remove_trial_runs(root, sweep_name, trial.trial_id, runs)
 
     return CleanupStopped()
 
@@ -176,12 +192,13 @@ def run_sweep(sweep: SweepConfig, batch, base_dir: Path, tracker=None) -> int:
             search_alg=search, scheduler=scheduler(sweep, total), num_samples=sweep.search.samples,
             max_concurrent_trials=sweep.search.max_concurrent, time_budget_s=sweep.budget.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[cleanup_callback(root, sweep.name), SweepProgress()],
+                                      callbacks=[cleanup_callback(root, sweep.name, trial_run_names(specs, root)),
+                                                 SweepProgress()],
                                       verbose=None if verbose() else 0))  # Tune's own trial table with -v
     grid = tuner.fit()
     frame = trials_frame(grid, root)
     for trial_id in frame.loc[frame["status"] == "stopped", "trial_id"]:
-        remove_trial_runs(root, sweep.name, trial_id)
+        remove_trial_runs(root, sweep.name, trial_id, trial_run_names(specs, root))
     return write_results(sweep, batch, base_dir, frame, root, tracker, time.perf_counter() - began, worker_logs.save(root))
 
 
