@@ -87,3 +87,20 @@ def test_the_blending_callback_keeps_the_photos_latents_outside_the_mask(lora_ru
     assert keep.sum() > 0 and (1 - keep).sum() > 0  # both halves present at the latents' resolution
     assert torch.equal(final * keep, photo_latents * keep)
     assert not torch.allclose(final * (1 - keep), photo_latents * (1 - keep))
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreambooth", "disendiff"])
+def test_img2img_and_inpainting_take_every_kind_of_learned_state(method, spec_for, tmp_path):
+    """Token rows only, a whole UNet's weights, several subjects' tokens with cross-attention weights (the LoRA and
+    Custom Diffusion runs above cover adapters and one token with k/v)."""
+    from personalize.loop import run_method
+
+    spec = spec_for(method)
+    assert run_method(spec, progress=False).status == "finished"
+    photo, mask = photo_and_mask(tmp_path)
+    common = ["sample", str(spec.run_dir), "--prompt", "a {} on the beach", "--seeds", "0", "--steps", "2", "--device", "cpu",
+              "--image", str(photo)]
+    assert main([*common, "--out", str(tmp_path / "i2i")]) == 0
+    assert main([*common, "--mask", str(mask), "--out", str(tmp_path / "inpaint")]) == 0
+    for out in ("i2i", "inpaint"):
+        assert Image.open(tmp_path / out / "prompt00-seed0.png").size == (64, 64)
