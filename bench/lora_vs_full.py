@@ -10,18 +10,16 @@ Identity and CLIP-T of the two in the world come from the quality benchmark:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from step_timing import TimingSink, step_timing_parser  # bench/, beside this script
 
 from personalize.config import resolve_runs
 from personalize.loop import learned_state, run_stage
-from personalize.loss_log import FileSink
 from personalize.models import build_sd15_model, load_components
 from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
@@ -29,16 +27,6 @@ from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
 
 WORLD_MODEL = Path(__file__).resolve().parent.parent / "models" / "microworld" / "model"
 METHODS = ("dreambooth", "dreambooth_lora")
-
-
-class TimingSink(FileSink):
-    def __init__(self, run_dir: Path):
-        super().__init__(run_dir)
-        self.stamps: list[float] = []
-
-    def log_metrics(self, metrics, step):
-        super().log_metrics(metrics, step)
-        self.stamps.append(time.perf_counter())
 
 
 def measure(spec, model: Path, warmup: int) -> dict:
@@ -61,14 +49,7 @@ def measure(spec, model: Path, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["world", "sd15"], default="world")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each counts")
+    parser = step_timing_parser(__doc__, ["world", "sd15"], batch=1, steps=30, rounds=2)
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.arch == "world" else 512)
     rows = {m: [] for m in METHODS}

@@ -11,7 +11,6 @@ the minimum: draw cached latents, noise, UNet, MSE, backward, AdamW. Prints the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import tempfile
@@ -20,27 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from step_timing import TimingSink, step_timing_parser  # bench/, beside this script
 
 from personalize.config import resolve_runs
 from personalize.data import generator
 from personalize.loop import run_stage
-from personalize.loss_log import FileSink
 from personalize.models import build_sd15_model, build_tiny_model, load_components
 from personalize.optim import make_optimizer
 from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
 from personalize.tokens import tokenize
-
-
-class TimingSink(FileSink):
-    def __init__(self, run_dir: Path):
-        super().__init__(run_dir)
-        self.stamps: list[float] = []
-
-    def log_metrics(self, metrics, step):
-        super().log_metrics(metrics, step)
-        self.stamps.append(time.perf_counter())
 
 
 def sync(device: torch.device) -> None:
@@ -110,14 +99,7 @@ def plain(ctx, stage, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best median of each counts")
+    parser = step_timing_parser(__doc__, ["tiny", "sd15"], batch=4, steps=40, rounds=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.arch == "tiny" else 512)
