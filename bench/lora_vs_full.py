@@ -20,7 +20,7 @@ from step_timing import TimingSink, step_timing_parser  # bench/, beside this sc
 
 from personalize.config import resolve_runs
 from personalize.loop import learned_state, run_stage
-from personalize.models import build_sd15_model, load_components
+from personalize.models import build_full_size_model, load_components
 from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
@@ -49,13 +49,13 @@ def measure(spec, model: Path, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = step_timing_parser(__doc__, ["world", "sd15"], batch=1, steps=30, rounds=2)
+    parser = step_timing_parser(__doc__, ["world", "sd15", "sd21"], batch=1, steps=30, rounds=2)
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.arch == "world" else 512)
     rows = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = WORLD_MODEL if args.arch == "world" else build_sd15_model(tmp / "model")
+        model = WORLD_MODEL if args.arch == "world" else build_full_size_model(tmp / "model", args.arch)
         manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(resolution, 128))
         for round_ in range(args.rounds):
             for method in METHODS:  # interleaved, so drifts of a shared machine hit both alike

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from personalize.config import resolve_runs
 from personalize.loop import run_method
-from personalize.models import build_sd15_model, build_tiny_model
+from personalize.models import build_full_size_model, build_tiny_model
 from personalize.run_settings import ExperimentConfig
 from personalize.sampling import LoadedRun, generate
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
@@ -36,7 +36,7 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--arch", choices=["tiny", "sd15", "sd21"], default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
@@ -49,7 +49,7 @@ def main() -> None:
     resolution = args.resolution or (64 if args.arch == "tiny" else 512)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = (build_tiny_model if args.arch == "tiny" else build_sd15_model)(tmp / "model")
+        model = build_tiny_model(tmp / "model") if args.arch == "tiny" else build_full_size_model(tmp / "model", args.arch)
         manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(128, resolution))
         spec = resolve_runs(ExperimentConfig(model=str(model), method="textual_inversion", concepts=str(manifest),
                                              output_dir=str(tmp / "out"), resolution=resolution, device=str(device),

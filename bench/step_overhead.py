@@ -24,7 +24,7 @@ from step_timing import TimingSink, step_timing_parser  # bench/, beside this sc
 from personalize.config import resolve_runs
 from personalize.data import generator
 from personalize.loop import run_stage
-from personalize.models import build_sd15_model, build_tiny_model, load_components
+from personalize.models import build_full_size_model, build_tiny_model, load_components
 from personalize.optim import make_optimizer
 from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
@@ -99,13 +99,13 @@ def plain(ctx, stage, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = step_timing_parser(__doc__, ["tiny", "sd15"], batch=4, steps=40, rounds=3)
+    parser = step_timing_parser(__doc__, ["tiny", "sd15", "sd21"], batch=4, steps=40, rounds=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     args = parser.parse_args()
     resolution = args.resolution or (64 if args.arch == "tiny" else 512)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = (build_tiny_model if args.arch == "tiny" else build_sd15_model)(tmp / "model")
+        model = build_tiny_model(tmp / "model") if args.arch == "tiny" else build_full_size_model(tmp / "model", args.arch)
         manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(resolution, 128))
         rows = []
         for method, stage_name in (("textual_inversion", "embedding"), ("dreambooth", "finetune")):

@@ -17,10 +17,10 @@ Commands = dict[str, tuple[str, Callable[[list[str]], int]]]
 
 
 def cmd_tiny_model(args) -> int:
-    from personalize.models import build_tiny_model
+    from personalize.models import TINY_ARCHS, build_tiny_model
 
-    path = build_tiny_model(args.directory, seed=args.seed)
-    print(f"tiny Stable Diffusion pipeline written to {path}")
+    path = build_tiny_model(args.directory, seed=args.seed, arch=TINY_ARCHS[args.arch])
+    print(f"tiny Stable Diffusion pipeline ({args.arch} layout) written to {path}")
     return 0
 
 
@@ -168,6 +168,8 @@ def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion pipeline (diffusers format)")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["sd15", "sd21"], default="sd15",
+                   help="sd21: SD 2.x's layout (heads per block, linear projections, '!' padding, v-prediction)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("methods", help="print every method's stage table")

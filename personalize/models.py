@@ -117,8 +117,9 @@ def load_components(model: str, cache_dir: str | None = None) -> SDComponents:
 # The real CLIP tokenizer, built offline
 
 
-def clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
-    """The 49,408-token CLIP tokenizer of Stable Diffusion, from open_clip's bundled BPE merges."""
+def clip_tokenizer(directory: str | Path | None = None, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The 49,408-token CLIP tokenizer of Stable Diffusion, from open_clip's bundled BPE merges. SD 1.x pads with
+    end-of-text; SD 2.x's tokenizer pads with "!" (id 0)."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
 
@@ -131,7 +132,7 @@ def clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
         (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         tokenizer = CLIPTokenizer(
-            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad_token, model_max_length=77
         )
         if directory is not None:
             tokenizer.save_pretrained(directory)
@@ -145,15 +146,27 @@ def clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
 @dataclass(frozen=True)
 class TinyArch:
     """Sizes of a small SD-shaped model: the VAE downsamples x4 (64 px -> 16x16 latents); cross-attention at
-    16x16 and 8x8 plus the mid block, with SD's module names."""
+    16x16 and 8x8 plus the mid block, with SD's module names. The SD 2.x fields give its layout: heads per block
+    (2.1: 5/10/20/20), linear projections in the transformer blocks, OpenCLIP's gelu, "!" padding, v-prediction."""
 
     unet_channels: tuple[int, ...] = (32, 64)
-    unet_heads: int = 4
+    unet_heads: int | tuple[int, ...] = 4
     vae_channels: tuple[int, ...] = (16, 32, 32)
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 4
     sample_size: int = 16
+    linear_projection: bool = False
+    text_act: str = "quick_gelu"
+    pad_token: str = "<|endoftext|>"
+    prediction_type: str = "epsilon"
+
+
+TINY_ARCHS = {
+    "sd15": TinyArch(),
+    "sd21": TinyArch(unet_channels=(40, 80), unet_heads=(5, 10), text_width=48, text_heads=4, linear_projection=True,
+                     text_act="gelu", pad_token="!", prediction_type="v_prediction"),
+}
 
 
 def tiny_unet(arch: TinyArch = TinyArch()) -> UNet2DConditionModel:
@@ -168,6 +181,7 @@ def tiny_unet(arch: TinyArch = TinyArch()) -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D",) * n,
         cross_attention_dim=arch.text_width,
         attention_head_dim=arch.unet_heads,
+        use_linear_projection=arch.linear_projection,
         norm_num_groups=8,
     )
 
@@ -195,15 +209,16 @@ def tiny_text_encoder(arch: TinyArch = TinyArch()) -> CLIPTextModel:
             num_hidden_layers=arch.text_layers,
             num_attention_heads=arch.text_heads,
             max_position_embeddings=77,
+            hidden_act=arch.text_act,
             projection_dim=arch.text_width,
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=49407,
+            pad_token_id=0 if arch.pad_token == "!" else 49407,
         )
     )
 
 
-def sd_scheduler() -> DDIMScheduler:
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -211,6 +226,7 @@ def sd_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -221,9 +237,9 @@ def build_tiny_model(directory: str | Path, seed: int = 0, arch: TinyArch = Tiny
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(arch),
         text_encoder=tiny_text_encoder(arch),
-        tokenizer=clip_tokenizer(),
+        tokenizer=clip_tokenizer(pad_token=arch.pad_token),
         unet=tiny_unet(arch),
-        scheduler=sd_scheduler(),
+        scheduler=sd_scheduler(arch.prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -232,25 +248,32 @@ def build_tiny_model(directory: str | Path, seed: int = 0, arch: TinyArch = Tiny
     return directory
 
 
-def sd15_unet() -> UNet2DConditionModel:
-    """Random-weight UNet of the real SD 1.5 architecture (same FLOPs and memory as the released weights)."""
+def full_size_unet(arch: str = "sd15") -> UNet2DConditionModel:
+    """Random-weight UNet of a released architecture (same FLOPs and memory as the released weights): SD 1.5, or
+    SD 2.1-base (heads per block 5/10/20/20, linear projections, 1024-wide context)."""
+    if arch == "sd21":
+        return UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                                    sample_size=64)
     return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
 
 
-def sd15_text_encoder() -> CLIPTextModel:
+def full_size_text_encoder(arch: str = "sd15") -> CLIPTextModel:
+    """SD 1.5's CLIP ViT-L/14 text tower, or SD 2.x's OpenCLIP ViT-H/14 one as diffusers holds it (its penultimate
+    layer as the last: 23 layers)."""
+    wide = arch == "sd21"
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            hidden_size=1024 if wide else 768,
+            intermediate_size=4096 if wide else 3072,
+            num_hidden_layers=23 if wide else 12,
+            num_attention_heads=16 if wide else 12,
             max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
+            hidden_act="gelu" if wide else "quick_gelu",
+            projection_dim=1024 if wide else 768,
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=49407,
+            pad_token_id=0 if wide else 49407,
         )
     )
 
@@ -266,14 +289,15 @@ def sd15_vae() -> AutoencoderKL:
     )
 
 
-def build_sd15_model(directory: str | Path, seed: int = 0) -> Path:
-    """A random-weight SD 1.5-architecture pipeline folder, for throughput and memory benchmarks."""
+def build_full_size_model(directory: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """A random-weight pipeline folder of SD 1.5's or SD 2.1-base's architecture, for throughput and memory
+    benchmarks (both use the same VAE; 2.1-base predicts epsilon, as the papers' base)."""
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
         vae=sd15_vae(),
-        text_encoder=sd15_text_encoder(),
-        tokenizer=clip_tokenizer(),
-        unet=sd15_unet(),
+        text_encoder=full_size_text_encoder(arch),
+        tokenizer=clip_tokenizer(pad_token="!" if arch == "sd21" else "<|endoftext|>"),
+        unet=full_size_unet(arch),
         scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,

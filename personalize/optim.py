@@ -49,6 +49,25 @@ def adamw(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Opt
                              weight_decay=stage.weight_decay, fused=fused or None)
 
 
+@optimizer("adamw8bit")
+def adamw8bit(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW: both moments in 8 bits, about a quarter of AdamW's optimizer memory (for
+    whole-UNet stages on a small GPU). CUDA only, and bitsandbytes is not a dependency: install it to use this."""
+    from personalize.errors import ConfigError
+
+    where = f"stage {getattr(stage, 'name', '?')}"
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(where, ["optimizer adamw8bit needs bitsandbytes, which is not installed: `pip install "
+                                  "bitsandbytes` on a CUDA machine, or use optimizer: adamw"]) from None
+    if not all(p.is_cuda for p in params):
+        raise ConfigError(where, [f"optimizer adamw8bit runs on CUDA GPUs only; this run trains on "
+                                  f"{params[0].device.type}: use optimizer: adamw"])
+    return bitsandbytes.optim.AdamW8bit(params, lr=stage.lr, betas=stage.adam_betas, eps=stage.adam_eps,
+                                        weight_decay=stage.weight_decay)
+
+
 @optimizer("sgd")
 def sgd(params: list[torch.nn.Parameter], stage: StageSpec) -> torch.optim.Optimizer:
     """Plain SGD with momentum adam_betas[0] (a baseline for sweeps)."""

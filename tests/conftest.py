@@ -36,6 +36,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model of each architecture the methods must run on (sd15 is `tiny_model`)."""
+    from personalize.models import TINY_ARCHS, build_tiny_model
+
+    return {"sd15": tiny_model, "sd21": build_tiny_model(tmp_path_factory.mktemp("tiny21") / "model", seed=0,
+                                                        arch=TINY_ARCHS["sd21"])}
+
+
 def draw_concept(folder: Path, n: int = 4, size: int = 80, colour=(200, 40, 180), seed: int = 0) -> Path:
     """A patterned blob on shifting backgrounds, n photos."""
     import random
@@ -98,11 +107,11 @@ def quick_spec(method: str, model: Path, images: Path, out: Path, *, concept: di
 
 @pytest.fixture
 def spec_for(tiny_model, concept_dir, pair_dir, tmp_path):
-    def make(method: str, **kwargs):
+    def make(method: str, model: Path | None = None, **kwargs):
         if method == "disendiff" and "concept" not in kwargs:
             kwargs["concept"] = {"id": "pair", "images": str(pair_dir),
                                  "subjects": [{"super_category": "cat"}, {"super_category": "dog"}]}
-        return quick_spec(method, tiny_model, concept_dir, tmp_path / "out", **kwargs)
+        return quick_spec(method, model or tiny_model, concept_dir, tmp_path / "out", **kwargs)
 
     return make
 

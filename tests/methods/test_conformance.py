@@ -1,5 +1,6 @@
-"""Every method, the same contract: exactly the declared parameters train, first losses are reproducible,
-and a run stopped mid-stage or at a stage boundary resumes to the same result as an uninterrupted one."""
+"""Every method on every architecture's tiny model (sd15, sd21), the same contract: exactly the declared
+parameters train, first losses are reproducible, and a run stopped mid-stage or at a stage boundary resumes to
+the same result as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from personalize.params import trained_parameters
 from personalize.run_context import prepare_run
 
 METHODS = available_methods()
+ARCHS = ("sd15", "sd21")
 
 
 def snapshot(models) -> dict[str, torch.Tensor]:
@@ -43,10 +45,11 @@ def train_stages(spec, tiny_model, sink=None):
     return ctx, before, snapshot(ctx.models)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_exactly_the_declared_parameters_change(method, spec_for, tiny_model):
-    spec = spec_for(method, stage_overrides={"lr": 1e-3})
-    ctx, before, after = train_stages(spec, tiny_model)
+def test_exactly_the_declared_parameters_change(method, arch, spec_for, tiny_models):
+    spec = spec_for(method, model=tiny_models[arch], stage_overrides={"lr": 1e-3})
+    ctx, before, after = train_stages(spec, tiny_models[arch])
     declared = set(trained_parameters(ctx.models, spec.method.stages))
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == declared
@@ -69,19 +72,21 @@ LOSSES_FILE = Path(__file__).parent / "first_losses.json"
 EXPECTED_FIRST_LOSSES = json.loads(LOSSES_FILE.read_text()) if LOSSES_FILE.is_file() else {}
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_first_losses_match_the_recorded_values(method, spec_for, tiny_model):
+def test_first_losses_match_the_recorded_values(method, arch, spec_for, tiny_models):
     sink = Recorder()
-    spec = spec_for(method)
-    train_stages(spec, tiny_model, sink)
+    spec = spec_for(method, model=tiny_models[arch])
+    train_stages(spec, tiny_models[arch], sink)
     first_stage = spec.method.stages[0].name
     observed = [m[f"train/{first_stage}/loss"] for _, m in sink.rows[:2]]
+    key = method if arch == "sd15" else f"{arch}:{method}"
     if os.environ.get("PERSONALIZE_RECORD_LOSSES"):
         recorded = json.loads(LOSSES_FILE.read_text()) if LOSSES_FILE.is_file() else {}
-        LOSSES_FILE.write_text(json.dumps({**recorded, method: observed}, indent=1, sort_keys=True) + "\n")
-        EXPECTED_FIRST_LOSSES[method] = observed
+        LOSSES_FILE.write_text(json.dumps({**recorded, key: observed}, indent=1, sort_keys=True) + "\n")
+        EXPECTED_FIRST_LOSSES[key] = observed
     assert len(observed) == 2
-    assert observed == pytest.approx(EXPECTED_FIRST_LOSSES[method], rel=1e-4, abs=1e-6)
+    assert observed == pytest.approx(EXPECTED_FIRST_LOSSES[key], rel=1e-4, abs=1e-6)
 
 
 def final_state(run_dir) -> dict[str, torch.Tensor]:
@@ -101,14 +106,16 @@ def interrupted_then_resumed(spec, tiny_model, stage: str, step: int, tmp_path, 
     return final_state(spec.run_dir)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_resume_mid_stage_equals_an_uninterrupted_run(method, spec_for, tiny_model, tmp_path, monkeypatch):
-    reference = spec_for(method, output_dir=str(tmp_path / "a"), checkpoint_every=1)
-    run_method(reference, components=load_components(str(tiny_model)), progress=False)
+def test_resume_mid_stage_equals_an_uninterrupted_run(method, arch, spec_for, tiny_models, tmp_path, monkeypatch):
+    model = tiny_models[arch]
+    reference = spec_for(method, model=model, output_dir=str(tmp_path / "a"), checkpoint_every=1)
+    run_method(reference, components=load_components(str(model)), progress=False)
     expected = final_state(reference.run_dir)
-    spec = spec_for(method, output_dir=str(tmp_path / "b"), checkpoint_every=1)
+    spec = spec_for(method, model=model, output_dir=str(tmp_path / "b"), checkpoint_every=1)
     last = spec.method.stages[-1].name
-    resumed = interrupted_then_resumed(spec, tiny_model, last, 1, tmp_path, monkeypatch)
+    resumed = interrupted_then_resumed(spec, model, last, 1, tmp_path, monkeypatch)
     assert expected.keys() == resumed.keys() and expected
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key

@@ -45,3 +45,19 @@ def test_snr_reaches_the_record_and_options_keep_the_config_hash_until_set(spec_
     snr = spec_for("dreambooth", stage_overrides={"losses.diffusion.min_snr_gamma": 5.0})  # a loss given as its weight
     assert snr.method.stages[0].losses["diffusion"].params == {"min_snr_gamma": 5.0}
     assert snr.method.stages[0].losses["diffusion"].weight == 1.0 and snr.config_hash() != plain
+
+
+def test_8bit_adamw_says_what_it_needs_where_it_cannot_run(spec_for):
+    from personalize.errors import ConfigError
+    from personalize.optim import make_optimizer
+
+    stage = spec_for("dreambooth", stage_overrides={"optimizer": "adamw8bit"}).method.stages[0]
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"stage finetune(.|\n)*needs bitsandbytes(.|\n)*pip install bitsandbytes"):
+            make_optimizer(params, stage)
+    else:
+        with pytest.raises(ConfigError, match="runs on CUDA GPUs only"):
+            make_optimizer(params, stage)

@@ -1,17 +1,19 @@
-"""Attention capture: same outputs as the default processor, maps are distributions, only selected layers."""
+"""Attention capture on each architecture's layout (sd15; sd21's heads per block and linear projections): same
+outputs as the default processor, maps are distributions, only selected layers."""
 
 import pytest
 import torch
 
 from personalize.attention import CaptureSpec, attention_hooks
-from personalize.models import tiny_unet
+from personalize.models import TINY_ARCHS, tiny_unet
 
 
-@pytest.fixture(scope="module")
-def unet_and_inputs():
+@pytest.fixture(scope="module", params=["sd15", "sd21"])
+def unet_and_inputs(request):
     torch.manual_seed(0)
-    unet = tiny_unet().eval()
-    return unet, torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    arch = TINY_ARCHS[request.param]
+    unet = tiny_unet(arch).eval()
+    return unet, torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, arch.text_width)
 
 
 def test_capturing_changes_no_output(unet_and_inputs):

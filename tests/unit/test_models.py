@@ -37,3 +37,25 @@ def test_an_incomplete_folder_says_what_is_missing(tmp_path):
         load_components(str(tmp_path))
     with pytest.raises(ModelUnavailableError, match="no such folder"):
         load_components(str(tmp_path / "nowhere" / "model"))
+
+
+def test_the_sd21_tiny_model_has_sd2s_layout_and_padding(tiny_models, tmp_path):
+    from personalize.cli import main
+    from personalize.method_spec import PlaceholderSpec
+    from personalize.run_settings import ConceptSpec
+    from personalize.tokens import add_placeholders, find_roles, tokenize
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models["sd21"]))
+    assert pipe.unet.config.use_linear_projection and list(pipe.unet.config.attention_head_dim) == [5, 10]
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.text_encoder.config.hidden_act == "gelu"
+    assert pipe.tokenizer.pad_token == "!" and pipe.tokenizer.pad_token_id == 0
+    ids = tokenize(pipe.tokenizer, ["a photo of a dog"])
+    assert ids[0, 6] == pipe.tokenizer.eos_token_id and (ids[0, 7:] == 0).all()  # padded with "!", not end-of-text
+    comps = load_components(str(tiny_models["sd21"]))
+    placeholders = add_placeholders(comps.tokenizer, comps.text_encoder, PlaceholderSpec(),
+                                    ConceptSpec(id="c", images="x", super_category="dog"))
+    roles = find_roles(tokenize(comps.tokenizer, [placeholders.fill("a photo of a {placeholder} {super_category}")]),
+                       placeholders, [comps.tokenizer.convert_tokens_to_ids("dog</w>")])
+    assert int(roles.super_category[0, 0]) == int(roles.placeholder[0, 0]) + 1 == 6  # "<c>" at 5, "dog" at 6
+    assert main(["tiny-model", str(tmp_path / "m"), "--arch", "sd21"]) == 0
+    assert (tmp_path / "m" / "unet" / "config.json").read_text() == (tiny_models["sd21"] / "unet" / "config.json").read_text()
