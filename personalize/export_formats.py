@@ -115,14 +115,18 @@ def _diffusers(run_dir: Path, concept_id: str, out: Path) -> list[Path]:
 
 
 def _attention_processors(run_dir: Path) -> list[str]:
-    """The attention processor names of the run's base UNet (built from its config: no weights are read)."""
+    """The attention processor names of the run's base UNet (built from its config with empty weights: nothing is
+    read or allocated)."""
+    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
     from personalize.models import resolve_model_path
     from personalize.run_folder import finished_spec
 
     path = resolve_model_path(finished_spec(run_dir).model)
-    return list(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path, subfolder="unet")).attn_processors)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path, subfolder="unet"))
+    return list(unet.attn_processors)
 
 
 def _pipeline(run_dir: Path, concept_id: str, out: Path) -> list[Path]:

@@ -86,7 +86,11 @@ def test_first_losses_match_the_recorded_values(method, arch, spec_for, tiny_mod
         LOSSES_FILE.write_text(json.dumps({**recorded, key: observed}, indent=1, sort_keys=True) + "\n")
         EXPECTED_FIRST_LOSSES[key] = observed
     assert len(observed) == 2
-    assert observed == pytest.approx(EXPECTED_FIRST_LOSSES[key], rel=1e-4, abs=1e-6)
+    # sd21's second losses of the methods that mix generated class priors into the batch moved by 1.2e-4 between a
+    # run of this file alone and the whole suite (float order in the priors' eta=1 sampling); a maths change moves
+    # them by far more
+    tolerance = 1e-4 if arch == "sd15" else 1e-3
+    assert observed == pytest.approx(EXPECTED_FIRST_LOSSES[key], rel=tolerance, abs=1e-6)
 
 
 def final_state(run_dir) -> dict[str, torch.Tensor]:
