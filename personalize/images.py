@@ -146,14 +146,19 @@ def load_concept_captions(concept_id: str, folder: str | Path) -> list[str | Non
     return captions
 
 
-def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Image.Image]:
-    """Foreground masks (white = subject), one per image, matched by file stem."""
+def find_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Path]:
+    """The mask file of each image (matched by file stem); ConceptError naming the images without one."""
     folder = localize(str(folder)) if is_s3(folder) else Path(folder)
     masks = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else {}
     missing = [n for n in names if Path(n).stem not in masks]
     if missing:
         raise ConceptError(concept_id, f"mask folder {folder} lacks masks for {missing}", "add one mask per image, same file stem")
-    return [read_image(concept_id, masks[Path(n).stem]).convert("L") for n in names]
+    return [masks[Path(n).stem] for n in names]
+
+
+def load_masks(concept_id: str, folder: str | Path, names: list[str]) -> list[Image.Image]:
+    """Foreground masks (white = subject), one per image, matched by file stem."""
+    return [read_image(concept_id, path).convert("L") for path in find_masks(concept_id, folder, names)]
 
 
 def load_captioned_folder(folder: str | Path, default_caption: str) -> list[tuple[Image.Image, str]]:

@@ -13,7 +13,7 @@ from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank
 from personalize.devices import resolve_device, resolve_precision
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
-from personalize.images import list_image_files, load_concept_captions, load_concept_images, load_masks
+from personalize.images import find_masks, list_image_files, load_concept_captions, load_concept_images, read_image
 from personalize.lora import add_adapters
 from personalize.losses import combined_needs
 from personalize.method_spec import StageSpec
@@ -160,28 +160,20 @@ def instance_bank_key(spec: RunSpec, model_path: Path) -> str:
 
 
 def mask_files(spec: RunSpec) -> list[Path]:
-    """The concept's mask per photo (same file stem), for `masked_loss`; ConceptError naming the fix if missing."""
+    """The concept's mask per photo, for `masked_loss`; ConceptError naming the fix if the folder or a mask is missing."""
     concept = spec.concept
     if concept.masks is None:
         raise ConceptError(concept.id, "masked_loss is on but the concept has no masks folder",
                            "set the concept's masks: FOLDER (one mask per photo, white = subject, same file stem), "
                            "or turn masked_loss off")
-    folder = Path(concept.masks)
-    by_stem = {p.stem: p for p in folder.iterdir()} if folder.is_dir() else {}
-    photos = list_image_files(concept.id, concept.images)
-    missing = [p.name for p in photos if p.stem not in by_stem]
-    if missing:
-        raise ConceptError(concept.id, f"mask folder {folder} lacks masks for {missing[:5]}",
-                           "add one mask per photo (white = subject), named like the photo")
-    return [by_stem[p.stem] for p in photos]
+    return find_masks(concept.id, concept.masks, [p.name for p in list_image_files(concept.id, concept.images)])
 
 
 def concept_masks(spec: RunSpec):
     """The photos' masks when the loss is masked to the subject, else None."""
     if not spec.masked_loss:
         return None
-    mask_files(spec)  # the clear error first
-    return load_masks(spec.concept.id, spec.concept.masks, [p.name for p in list_image_files(spec.concept.id, spec.concept.images)])
+    return [read_image(spec.concept.id, path).convert("L") for path in mask_files(spec)]
 
 
 def check_class_after_placeholder(spec: RunSpec, tokenizer, placeholders: Placeholders, class_ids: list[int | None],

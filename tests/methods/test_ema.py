@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from personalize import stage_hooks
+from personalize.errors import ConfigError
 from personalize.faults import InjectedFault
 from personalize.loop import NullSink, run_method, run_stage
 from personalize.models import load_components
@@ -70,5 +71,5 @@ def test_ema_is_off_unless_set_and_leaves_older_runs_hashes_alone(spec_for):
     plain = spec_for("textual_inversion")
     assert plain.method.stages[0].ema_decay is None
     assert spec_for("textual_inversion", stage_overrides={"ema_decay": 0.99}).config_hash() != plain.config_hash()
-    with pytest.raises(Exception, match="ema_decay"):
+    with pytest.raises(ConfigError, match="ema_decay"):
         spec_for("textual_inversion", stage_overrides={"ema_decay": 1.0})

@@ -98,9 +98,11 @@ def test_img2img_and_inpainting_take_every_kind_of_learned_state(method, spec_fo
     spec = spec_for(method)
     assert run_method(spec, progress=False).status == "finished"
     photo, mask = photo_and_mask(tmp_path)
-    common = ["sample", str(spec.run_dir), "--prompt", "a {} on the beach", "--seeds", "0", "--steps", "2", "--device", "cpu",
-              "--image", str(photo)]
+    common = ["sample", str(spec.run_dir), "--prompt", "a {} on the beach", "--seeds", "0", "1", "--steps", "2",
+              "--device", "cpu", "--image", str(photo)]
     assert main([*common, "--out", str(tmp_path / "i2i")]) == 0
-    assert main([*common, "--mask", str(mask), "--out", str(tmp_path / "inpaint")]) == 0
-    for out in ("i2i", "inpaint"):
-        assert Image.open(tmp_path / out / "prompt00-seed0.png").size == (64, 64)
+    assert main([*common, "--mask", str(mask), "--strength", "1.0", "--out", str(tmp_path / "inpaint")]) == 0
+    first, second = pictures(tmp_path / "i2i")
+    assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
+    a, b = pictures(tmp_path / "inpaint")
+    assert np.abs(a - b)[:, :24].mean() > 3 * np.abs(a - b)[:, 40:].mean()  # only the masked half is repainted
