@@ -9,10 +9,14 @@ custom_diffusion: centre square crop, h-flip p=0.5, then random rescale: p=2/3 s
                   "a far away " / "very small " and the loss mask is the pasted box shrunk by one latent
                   pixel; above S it is cropped and the caption gets "zoomed in " / "close up "; in between
                   nothing changes (as in the official code).
+
+Every preset but custom_diffusion also makes non-square variants, for aspect-ratio buckets: `size` is then a
+(width, height) pair, the photo is resized to cover it and cropped to it (see `aspect_bucket`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,12 +24,31 @@ import numpy as np
 import torch
 from PIL import Image
 
+Size = tuple[int, int]  # (width, height) in pixels
+
 
 @dataclass
 class Variant:
-    pixels: torch.Tensor  # (3, S, S) in [-1, 1]
-    mask: torch.Tensor | None  # (1, S / f, S / f) latent-resolution loss mask, or None (all ones)
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    mask: torch.Tensor | None  # (1, H / f, W / f) latent-resolution loss mask, or None (all ones)
     caption_prefix: str = ""
+
+
+def as_size(size: int | Size) -> Size:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def aspect_bucket(width: int, height: int, resolution: int, step: int, max_ratio: float = 2.0) -> Size:
+    """The training shape for a width x height photo: sides that are multiples of `step`, an area of at most
+    resolution^2 (as large as the side allows), no side longer than `max_ratio` times the other, and the aspect
+    ratio nearest the photo's (on a log scale; the larger area wins a tie). A square photo gets the square."""
+    buckets = []
+    for w in range(step, int(resolution * max_ratio) + 1, step):
+        h = (resolution * resolution // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            buckets.append((w, h))
+    target = math.log(width / height)
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - target), 9), -b[0] * b[1]))
 
 
 def _uniform(gen: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -42,16 +65,23 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def resize_short_side(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+def resize_to_cover(image: Image.Image, size: Size, resample=Image.BILINEAR) -> Image.Image:
+    """The smallest resize (aspect kept) that covers width x height; for a square, the short side's resize."""
+    (w, h), (width, height) = image.size, size
+    scale = max(width / w, height / h)
+    return image.resize((max(width, round(w * scale)), max(height, round(h * scale))), resample)
 
 
-def random_crop(image: Image.Image, size: int, gen: torch.Generator) -> Image.Image:
-    w, h = image.size
-    left, top = _randint(gen, 0, w - size), _randint(gen, 0, h - size)
-    return image.crop((left, top, left + size, top + size))
+def random_crop(image: Image.Image, size: Size, gen: torch.Generator) -> Image.Image:
+    (w, h), (width, height) = image.size, size
+    left, top = _randint(gen, 0, w - width), _randint(gen, 0, h - height)
+    return image.crop((left, top, left + width, top + height))
+
+
+def center_crop(image: Image.Image, size: Size) -> Image.Image:
+    (w, h), (width, height) = image.size, size
+    left, top = (w - width) // 2, (h - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def center_square(image: Image.Image) -> Image.Image:
@@ -65,47 +95,53 @@ def flip(image: Image.Image, p: float, gen: torch.Generator) -> Image.Image:
     return image.transpose(Image.FLIP_LEFT_RIGHT) if _uniform(gen) < p else image
 
 
-Augmentation = Callable[[Image.Image, int, int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
+Augmentation = Callable[[Image.Image, Size, int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
 AUGMENTATIONS: dict[str, Augmentation] = {}
+SQUARE_ONLY: set[str] = set()  # presets that cannot make non-square variants (no aspect-ratio buckets)
 
 
-def augmentation(name: str):
+def augmentation(name: str, square_only: bool = False):
     """Register a preset under the name a method's `augmentation:` key gives."""
 
     def add(fn: Augmentation) -> Augmentation:
         AUGMENTATIONS[name] = fn
+        if square_only:
+            SQUARE_ONLY.add(name)
         return fn
 
     return add
 
 
-def augment(image: Image.Image, preset: str, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+def augment(image: Image.Image, preset: str, size: int | Size, vae_scale: int, gen: torch.Generator) -> Variant:
     if preset not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation preset {preset!r}; available: {', '.join(sorted(AUGMENTATIONS))}")
+    size = as_size(size)
+    if preset in SQUARE_ONLY and size[0] != size[1]:
+        raise ValueError(f"augmentation preset {preset!r} makes square variants only, not {size[0]}x{size[1]}")
     return AUGMENTATIONS[preset](image, size, vae_scale, gen)
 
 
 @augmentation("ti")
-def _ti(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
-    return Variant(to_tensor(flip(image.resize((size, size), Image.BICUBIC), 0.5, gen)), None)
+def _ti(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
+    return Variant(to_tensor(flip(image.resize(size, Image.BICUBIC), 0.5, gen)), None)
 
 
 @augmentation("dreambooth")
-def _dreambooth(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
-    return Variant(to_tensor(random_crop(resize_short_side(image, size), size, gen)), None)
+def _dreambooth(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
+    return Variant(to_tensor(random_crop(resize_to_cover(image, size), size, gen)), None)
 
 
 @augmentation("attn")
-def _attn(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+def _attn(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
     if _uniform(gen) < 0.75:
         image = image.rotate(_uniform(gen, -45.0, 45.0), resample=Image.NEAREST, expand=True)
-    image = flip(resize_short_side(image, size), 0.25, gen)
+    image = flip(resize_to_cover(image, size), 0.25, gen)
     return Variant(to_tensor(random_crop(image, size, gen)), None)
 
 
-@augmentation("custom_diffusion")
-def _custom_diffusion(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
-    return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
+@augmentation("custom_diffusion", square_only=True)
+def _custom_diffusion(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
+    return _random_rescale(flip(center_square(image), 0.5, gen), size[0], vae_scale, gen)
 
 
 def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
@@ -129,12 +165,13 @@ def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Ge
         prefix = "a far away " if _uniform(gen) < 0.5 else "very small "
         return Variant(to_tensor(canvas), mask, prefix)
     if scale > size:
-        zoomed = random_crop(image.resize((scale, scale), Image.BICUBIC), size, gen)
+        zoomed = random_crop(image.resize((scale, scale), Image.BICUBIC), (size, size), gen)
         prefix = "zoomed in " if _uniform(gen) < 0.5 else "close up "
         return Variant(to_tensor(zoomed), None, prefix)
     return Variant(to_tensor(image.resize((size, size), Image.BICUBIC)), None)
 
 
-def plain(image: Image.Image, size: int) -> Variant:
-    """Class-prior images: resize the short side and centre-crop, no randomness."""
-    return Variant(to_tensor(center_square(resize_short_side(image, size))), None)
+def plain(image: Image.Image, size: int | Size) -> Variant:
+    """Class-prior images: resize to cover the shape and centre-crop, no randomness."""
+    size = as_size(size)
+    return Variant(to_tensor(center_crop(resize_to_cover(image, size), size)), None)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from personalize.augment import SQUARE_ONLY
 from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
 from personalize.locations import CONFIG_ROOT
@@ -247,6 +248,9 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
     fingerprint = local_model_fingerprint(model)
     validation = validation_with_protocol(experiment.validation, method)
+    if experiment.aspect_buckets and method.augmentation in SQUARE_ONLY:
+        raise ConfigError(f"method {method.name}", [f"aspect_buckets: its augmentation ({method.augmentation}) makes "
+                                                     "square images only; turn aspect_buckets off for this method"])
     runs = []
     for concept in concepts:
         runs.append(

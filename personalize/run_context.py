@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from personalize.data import Batcher, LatentBank, bank_key, cached_instance_bank, instance_bank, prior_bank
+from personalize.data import (
+    Batcher,
+    LatentBank,
+    bank_key,
+    bucket_step,
+    cached_instance_bank,
+    instance_bank,
+    prior_bank,
+    training_shapes,
+)
 from personalize.devices import resolve_device, resolve_precision
 from personalize.errors import ConceptError, ConfigError
 from personalize.fingerprint import model_fingerprint
@@ -133,14 +142,15 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
             components, method.class_prior, [s.super_category for s in concept.subjects], spec.seed, spec.resolution,
             Path(spec.prior_cache_dir) if spec.prior_cache_dir else None, progress,
         )
-    vae_dtype = next(components.vae.parameters()).dtype
     instances = cached_instance_bank(
         Path(spec.latent_cache_dir) if spec.latent_cache_dir else None,
         instance_bank_key(spec, components.path),
-        lambda: instance_bank(images, method.augmentation, spec.resolution, spec.latent_variants, components.vae,
-                              spec.seed, device, vae_dtype, concept_masks(spec)),
+        lambda: encode_instances(spec, images, components, device),
     )
-    priors = prior_bank(prior_pairs, spec.resolution, components.vae, device, vae_dtype) if prior_pairs else None
+    priors = None
+    if prior_pairs:  # at every shape the instances train at, so that a batch of one shape can hold both
+        priors = prior_bank(prior_pairs, sorted(set(instance_shapes(spec, images, components))), components.vae,
+                            device, next(components.vae.parameters()).dtype)
     variant_captions = [captions[i // spec.latent_variants] for i in range(len(instances))] if any(captions) else None
     batcher = Batcher(instances, placeholders, templates(method.prompt), priors,
                       method.class_prior.mode if method.class_prior else "concat", variant_captions)
@@ -151,12 +161,24 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
                       subject_phrase(method, placeholders))
 
 
+def instance_shapes(spec: RunSpec, images: list, components: SDComponents) -> list[tuple[int, int]]:
+    """Each photo's training (width, height): its aspect-ratio bucket with `aspect_buckets`, else the square."""
+    step = bucket_step(components.vae, components.unet) if spec.aspect_buckets else None
+    return training_shapes(images, spec.resolution, step)
+
+
+def encode_instances(spec: RunSpec, images: list, components: SDComponents, device) -> LatentBank:
+    vae = components.vae
+    return instance_bank(images, spec.method.augmentation, instance_shapes(spec, images, components),
+                         spec.latent_variants, vae, spec.seed, device, next(vae.parameters()).dtype, concept_masks(spec))
+
+
 def instance_bank_key(spec: RunSpec, model_path: Path) -> str:
     files = list_image_files(spec.concept.id, spec.concept.images)
     if spec.masked_loss:  # the masks' bytes too: other masks, other loss masks
         files += mask_files(spec)
-    return bank_key(model_fingerprint(model_path), files, spec.method.augmentation, spec.resolution,
-                    spec.latent_variants, spec.seed)
+    preset = spec.method.augmentation + (":buckets" if spec.aspect_buckets else "")
+    return bank_key(model_fingerprint(model_path), files, preset, spec.resolution, spec.latent_variants, spec.seed)
 
 
 def mask_files(spec: RunSpec) -> list[Path]:

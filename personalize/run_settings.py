@@ -118,6 +118,8 @@ class RunSettings(Strict):
     latent_variants: int = Field(default=16, ge=1)  # augmented copies of each photo, encoded once (see data.py)
     # the denoising loss counts only the subject: each concept's `masks` folder, augmented with its photos
     masked_loss: bool = False
+    # non-square photos train at the bucket shape nearest their aspect ratio (same area) instead of a square crop
+    aspect_buckets: bool = False
     samples: SampleSpec = SampleSpec()
     validation: ValidationSpec | None = None
 
@@ -180,8 +182,9 @@ class RunSpec(RunSettings):
         # validation changes what a run exports only when it picks the best point
         if payload["validation"] is None or payload["validation"]["selection"] == "last":
             del payload["validation"]
-        if not payload["masked_loss"]:  # added after runs were finished: hashed only when on
-            del payload["masked_loss"]
+        for option in ("masked_loss", "aspect_buckets"):  # added after runs were finished: hashed only when on
+            if not payload[option]:
+                del payload[option]
         for stage in payload["method"]["stages"] + ([payload["method"]["test_time"]] if payload["method"]["test_time"] else []):
             for key, default in HASHED_WHEN_SET.items():
                 if stage.get(key) == default:

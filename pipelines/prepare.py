@@ -73,13 +73,10 @@ class LatentEncoder:
         self.components.vae.to(self.device).eval()
 
     def encode(self, spec: RunSpec):
-        from personalize.data import instance_bank
-        from personalize.run_context import concept_masks
+        from personalize.run_context import encode_instances
 
         images = load_concept_images(spec.concept.id, spec.concept.images, spec.resolution)
-        return instance_bank(images, spec.method.augmentation, spec.resolution, spec.latent_variants,
-                             self.components.vae, spec.seed, self.device, next(self.components.vae.parameters()).dtype,
-                             concept_masks(spec))
+        return encode_instances(spec, images, self.components, self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from functools import partial
