@@ -9,10 +9,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from personalize.errors import PersonalizeError
 from personalize.plugins import load_plugins
 from personalize.quiet import quiet_libraries
+from pipelines.stderr_filter import filtered_stderr
 
 
 def config_parser(prog: str, description: str, examples: list[str], config_help: str, overrides_help: str) -> argparse.ArgumentParser:
@@ -48,7 +50,8 @@ def run_command(work: Callable[[], int], verbose: bool = False) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         load_plugins()
-        return work()
+        with nullcontext() if verbose else filtered_stderr():
+            return work()
     except PersonalizeError as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

@@ -45,3 +45,59 @@ def test_the_command_sets_mlflow_to_warnings_before_it_is_configured(monkeypatch
 
     assert run_command(work) == 0
     assert seen["level"] == "WARNING"
+
+
+NOTICE = ("[2026-12-01 02:14:44,308 E 24722 24722] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(A))'"
+          " and ID: 'b4d4' has constructor arguments in the object store and max_restarts > 0. If the arguments in the "
+          "object store go out of scope or are lost, the actor restart will fail. See "
+          "https://github.com/ray-project/ray/issues/53727 for more details.\n")
+
+
+def test_only_rays_actor_arguments_notice_is_dropped():
+    from pipelines.stderr_filter import drop_known_lines
+
+    other = "[2026-12-01 02:14:44,308 E 1 1] core_worker.cc:99: Something else failed.\n"
+    text = f"loading\r50%\r100%\n{NOTICE}{other}{NOTICE}done\n".encode()
+    assert drop_known_lines(text) == f"loading\r50%\r100%\n{other}done\n".encode()
+
+
+FILTERED = '''
+import contextlib, os, subprocess, sys
+import pandas as pd
+import ray
+from pipelines.stderr_filter import filtered_stderr
+
+NOTICE = {notice!r}
+print("before", file=sys.stderr, flush=True)
+with filtered_stderr() if sys.argv[1] == "filtered" else contextlib.nullcontext():
+    print("python line", file=sys.stderr, flush=True)
+    os.write(2, NOTICE.encode() + b"a C++ line\\n")
+    child = "import os; os.write(2, os.environ['NOTICE'].encode() + b'child line' + bytes([10]))"
+    subprocess.run([sys.executable, "-c", child], env={{**os.environ, "NOTICE": NOTICE}})
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+    class Same:
+        def __call__(self, batch):
+            return batch
+
+    rows = ray.data.from_pandas(pd.DataFrame({{"x": [1, 2]}})).map_batches(
+        Same, batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+    print("rows", len(rows), file=sys.stderr, flush=True)
+print("after", file=sys.stderr, flush=True)
+ray.shutdown()
+'''
+
+
+def test_a_commands_terminal_keeps_everything_but_the_notice_even_from_ray(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "filtered.py"
+    script.write_text(FILTERED.format(notice=NOTICE))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.getcwd()}
+    ours = ["before", "python line", "a C++ line", "child line", "rows 2", "after"]
+    for mode, notices in (("filtered", 0), ("plain", 3)):  # 3: ours, the child's and the Ray Data actor's
+        done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count("has constructor arguments in the object store") == notices, done.stderr
+        assert [line for line in done.stderr.splitlines() if line in ours] == ours
