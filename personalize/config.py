@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from personalize import storage
 from personalize.augment import SQUARE_ONLY
 from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
@@ -20,6 +23,7 @@ from personalize.locations import CONFIG_ROOT
 from personalize.method_spec import MethodSpec, NormLockSpec, StageSpec
 from personalize.run_settings import ConceptSpec, ExperimentConfig, RunSpec, ValidationSpec
 from personalize.scaling import RecipeScale, load_recipe_scale, scale_recipe
+from personalize.storage import is_s3
 
 
 def format_validation_error(error: ValidationError, data: Any) -> list[str]:
@@ -243,7 +247,7 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
     method = scale_steps(load_method(experiment.method, experiment.overrides, load_recipe_scale(model)), experiment.steps_scale)
     concepts = experiment.concepts
     if isinstance(concepts, str):
-        concepts = load_manifest(_relative(concepts, base_dir))  # image paths relative to the manifest
+        concepts = load_manifest(concepts if is_s3(concepts) else _relative(concepts, base_dir))  # paths relative to it
     elif base_dir is not None:
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
     fingerprint = local_model_fingerprint(model)
@@ -283,13 +287,17 @@ def validation_with_protocol(validation: ValidationSpec | None, method: MethodSp
     return validation.model_copy(update=update)
 
 
-def _resolve_concept(concept: ConceptSpec, base_dir: Path) -> ConceptSpec:
-    """Image, mask and holdout folders relative to the file that names them (uris stay as they are)."""
+def _resolve_concept(concept: ConceptSpec, base_dir: Path | str) -> ConceptSpec:
+    """Image, mask and holdout folders relative to the file that names them (uris stay as they are). A manifest
+    in a bucket (`base_dir` an s3:// prefix) resolves them inside that bucket."""
     update = {}
     for key in ("images", "masks", "holdout"):
         value = getattr(concept, key)
         if value and "://" not in value:
-            update[key] = str(_relative(value, base_dir))
+            if is_s3(base_dir):
+                update[key] = f"s3://{posixpath.normpath(posixpath.join(str(base_dir).removeprefix('s3://'), value))}"
+            else:
+                update[key] = str(_relative(value, Path(base_dir)))
     return concept.model_copy(update=update)
 
 
@@ -298,9 +306,11 @@ def _relative(path: str, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else (base_dir / p).resolve()
 
 
-def read_manifest(path: str | Path) -> tuple[list[ConceptSpec], dict[str, str]]:
-    """The good concepts of a YAML list, JSON lines or CSV file, and label -> reason for each bad row. A file that
-    cannot be read as a list of concepts at all is a ConfigError."""
+def read_manifest(path: str | Path, base_dir: str | None = None) -> tuple[list[ConceptSpec], dict[str, str]]:
+    """The good concepts of a YAML list, JSON lines or CSV file (a local path or an s3:// uri), and label -> reason
+    for each bad row. A file that cannot be read as a list of concepts at all is a ConfigError."""
+    if is_s3(path):
+        return _read_manifest_in_bucket(str(path))
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), ["concepts manifest not found"])
@@ -325,7 +335,23 @@ def read_manifest(path: str | Path) -> tuple[list[ConceptSpec], dict[str, str]]:
         raise ConfigError(str(path), [f"unknown manifest format {suffix!r}; use .yaml, .jsonl or .csv"])
     if not isinstance(rows, list) or not rows:
         raise ConfigError(str(path), ["expected a non-empty list of concepts"])
-    return _validate_rows(rows, path)
+    return _validate_rows(rows, path, base_dir or path.parent)
+
+
+def _read_manifest_in_bucket(uri: str) -> tuple[list[ConceptSpec], dict[str, str]]:
+    """A manifest stored in a bucket: read through a temporary copy, its relative folders resolved in the bucket."""
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as e:  # botocore's NoSuchKey, NoSuchBucket, endpoint errors: one line for the user
+        raise ConfigError(uri, [f"concepts manifest cannot be read ({type(e).__name__}: {e}); upload it there or "
+                                "correct the uri"]) from None
+    with tempfile.TemporaryDirectory() as folder:
+        copy_path = Path(folder) / posixpath.basename(uri)
+        copy_path.write_bytes(data)
+        try:
+            return read_manifest(copy_path, base_dir=uri.rsplit("/", 1)[0])
+        except ConfigError as e:
+            raise ConfigError(uri, e.problems) from None
 
 
 def load_manifest(path: str | Path) -> list[ConceptSpec]:
@@ -336,13 +362,13 @@ def load_manifest(path: str | Path) -> list[ConceptSpec]:
     return concepts
 
 
-def _validate_rows(rows: list, path: Path) -> tuple[list[ConceptSpec], dict[str, str]]:
+def _validate_rows(rows: list, path: Path, base_dir: Path | str) -> tuple[list[ConceptSpec], dict[str, str]]:
     """Valid concepts, and label -> reason for each row that is not (a duplicated id fails every row holding it)."""
     concepts, bad = [], {}
     for i, row in enumerate(rows):
         label = str(row.get("id", f"[{i}]")) if isinstance(row, dict) else f"[{i}]"
         try:
-            concepts.append(_resolve_concept(ConceptSpec.model_validate(row), path.parent))
+            concepts.append(_resolve_concept(ConceptSpec.model_validate(row), base_dir))
         except ValidationError as e:
             bad[label if label not in bad else f"{label} (row {i + 1})"] = "; ".join(format_validation_error(e, row))
     ids = [c.id for c in concepts]

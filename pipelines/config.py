@@ -22,6 +22,7 @@ from personalize.config import (
 from personalize.errors import ConfigError
 from personalize.method_spec import Strict
 from personalize.run_settings import ConceptRuns, EvaluationSpec, ExperimentConfig, RunSpec
+from personalize.storage import is_s3
 from pipelines.tracking import TrackingSpec
 
 
@@ -97,8 +98,8 @@ def split_manifest(config: BatchConfig, base_dir: Path) -> tuple[BatchConfig, di
     the good concepts inline, and label -> reason for the others. With no good concept at all the batch is refused."""
     if not isinstance(config.concepts, str):
         return config, {}
-    path = Path(config.concepts)
-    path = path if path.is_absolute() else (base_dir / path).resolve()
+    path = config.concepts if is_s3(config.concepts) else Path(config.concepts)
+    path = path if is_s3(path) or path.is_absolute() else (base_dir / path).resolve()
     good, bad = read_manifest(path)
     if not good:
         raise ConfigError(str(path), [f"concept {label}: {reason}" for label, reason in bad.items()])

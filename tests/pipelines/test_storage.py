@@ -24,6 +24,33 @@ def test_concept_images_from_s3(seaweedfs, tmp_path, monkeypatch):
         load_concept_images("nobody", "s3://personalize/concepts/nobody", resolution=64)
 
 
+def test_a_concept_manifest_in_the_bucket_resolves_its_folders_there(seaweedfs, tmp_path, monkeypatch):
+    from personalize.config import read_manifest
+    from personalize.errors import ConfigError
+    from pipelines.config import split_manifest
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "cache"))
+    storage.upload_dir(draw_concept(tmp_path / "dog", n=3), "s3://personalize/lab/photos/dog")
+    manifest = ("- {id: dog, images: photos/dog, super_category: dog}\n"
+                "- {id: cat, images: s3://elsewhere/cat, super_category: cat}\n"
+                "- {id: ../escape, images: photos/x, super_category: toy}\n")
+    storage.write_bytes("s3://personalize/lab/manifests/concepts.yaml", manifest.replace("photos/", "../photos/").encode())
+    good, bad = read_manifest("s3://personalize/lab/manifests/concepts.yaml")
+    assert [(c.id, c.images) for c in good] == [("dog", "s3://personalize/lab/photos/dog"), ("cat", "s3://elsewhere/cat")]
+    assert list(bad) == ["../escape"]
+    assert len(load_concept_images("dog", good[0].images, resolution=64)) == 3
+
+    class Batch:  # the part of a batch config split_manifest reads
+        concepts = "s3://personalize/lab/manifests/concepts.yaml"
+
+        def model_copy(self, update):
+            return update
+
+    assert [c.id for c in split_manifest(Batch(), tmp_path)[0]["concepts"]] == ["dog", "cat"]
+    with pytest.raises(ConfigError, match=r"(?s)s3://personalize/lab/none.yaml: 1 problem.*cannot be read \(NoSuchKey"):
+        read_manifest("s3://personalize/lab/none.yaml")
+
+
 def test_base_model_folder_from_s3_loads_like_the_local_one(seaweedfs, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "cache"))
     storage.upload_dir(tiny_model, "s3://personalize/models/tiny", marker="model_index.json")
