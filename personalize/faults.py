@@ -3,6 +3,9 @@ workers), read once when a stage starts, and active only when set.
 
     PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file>   raise once at that step (the marker records it)
     PERSONALIZE_INJECT_HANG=<stage>:<step>                   block there
+    PERSONALIZE_INJECT_HANG=<stage>:<step>:<folder>          the first time a concept's run gets there, write
+                                                             <folder>/<concept>.hang (its process id) and wait for
+                                                             <folder>/<concept>.release; pass on later times
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjection:
-    def __init__(self, stage: str, fault: str | None, hang: str | None):
-        self.stage, self.fault, self.hang = stage, fault, hang
+    def __init__(self, stage: str, fault: str | None, hang: str | None, concept: str = ""):
+        self.stage, self.fault, self.hang, self.concept = stage, fault, hang, concept
 
     def before_step(self, step: int) -> None:
         if self.fault:
@@ -26,8 +29,21 @@ class FaultInjection:
             if name == self.stage and int(at) == step and not Path(marker).exists():
                 Path(marker).write_text("fault injected\n")
                 raise InjectedFault(f"injected fault at {self.stage} step {step}")
-        if self.hang and self.hang == f"{self.stage}:{step}":
+        if self.hang:
+            name, at, *folder = self.hang.split(":", 2)
+            if name == self.stage and int(at) == step:
+                self._hang(Path(folder[0]) if folder else None)
+
+    def _hang(self, folder: Path | None) -> None:
+        if folder is None:
             time.sleep(24 * 3600)
+            return
+        marker, release = folder / f"{self.concept}.hang", folder / f"{self.concept}.release"
+        if marker.exists():
+            return
+        marker.write_text(f"{os.getpid()}\n")
+        while not release.exists():
+            time.sleep(0.2)
 
     def after_update(self, step: int) -> None:
         pass
@@ -38,4 +54,4 @@ class FaultInjection:
 
 def from_environment(ctx, stage, state: dict) -> FaultInjection | None:
     fault, hang = os.environ.get("PERSONALIZE_INJECT_FAULT"), os.environ.get("PERSONALIZE_INJECT_HANG")
-    return FaultInjection(stage.name, fault, hang) if fault or hang else None
+    return FaultInjection(stage.name, fault, hang, ctx.spec.concept.id) if fault or hang else None

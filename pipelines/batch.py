@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: str) -> list[dict]:
+    from pipelines.worker import trained_on
+
     by_run = {str(o.spec.run_dir): o for o in outcomes}
     rows = []
     for spec in specs:
@@ -43,7 +45,7 @@ def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: s
             continue
         outcome = by_run[str(spec.run_dir)]
         row.update(status=outcome.status, reason=redact(outcome.reason), train_seconds=round(outcome.seconds, 2),
-                   stage_seconds=json.dumps(outcome.stage_seconds))
+                   stage_seconds=json.dumps(outcome.stage_seconds), node=trained_on(spec.run_dir))
         evaluation = evaluations.get(str(spec.run_dir))
         if evaluation is not None:
             m = evaluation.metrics

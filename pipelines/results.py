@@ -9,7 +9,7 @@ import pandas as pd
 
 IDENTITY_BOUNDS = ["clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm"]
 COLUMNS = ["concept", "method", "status", "reason", "train_seconds", "stage_seconds", "clip_t", "clip_i", "dino",
-           *IDENTITY_BOUNDS, "run_dir", "report"]
+           *IDENTITY_BOUNDS, "run_dir", "report", "node"]  # node: the Ray node id that finished the run
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:

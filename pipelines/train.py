@@ -14,6 +14,7 @@ import time
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from personalize.outcome import RunOutcome
 from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds
@@ -29,7 +30,7 @@ def run_name(spec: RunSpec) -> str:
     return f"{spec.concept.id}--{spec.method.name}--{spec.config_hash()}"
 
 
-@ray.remote(num_cpus=0.1, max_retries=0)
+@ray.remote(num_cpus=0, max_retries=0)
 def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: dict, tracking: dict | None) -> str | None:
     from pipelines.storage import StorageRoot
 
@@ -107,12 +108,15 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
             outcomes.append(earlier)
     inflight: dict = {}
     progress = Progress(pending)
+    # Each run's waiting task, and the Train controller that Ray attaches to its node, stay on the driver's node:
+    # a worker node lost mid-batch then takes only Ray Train workers with it, which restart elsewhere.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     while pending or inflight:
         while pending and len(inflight) < concurrency:
             spec = pending.pop(0)
             log.info("training %s / %s", spec.concept.id, spec.method.name)
             # the driver's settings (the S3 endpoint above all) reach the trainer's controller too, not only its workers
-            fit = _fit.options(runtime_env={"env_vars": env}) if env else _fit
+            fit = _fit.options(scheduling_strategy=here, **({"runtime_env": {"env_vars": env}} if env else {}))
             ref = fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
             inflight[ref] = (spec, time.perf_counter())
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)

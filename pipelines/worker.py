@@ -9,6 +9,7 @@ reason and is never retried; a trial that loses a run fails, since it can no lon
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -64,6 +65,8 @@ def restore_from_ray(spec: RunSpec) -> None:
         target = spec.run_dir / "checkpoints" / name
         if not (target / "cursor.json").is_file():
             shutil.copytree(source, target, dirs_exist_ok=True)
+            if (target / NODE_RECORD).is_file():  # where the stages before it trained
+                shutil.copy(target / NODE_RECORD, spec.run_dir / NODE_RECORD)
             log.info("restored %s from the Ray checkpoint", target)
 
 
@@ -103,12 +106,43 @@ class StageReports:
     def stage_finished(self, index: int, stage, checkpoint: Path, seconds: float) -> None:
         metrics = {**self.measured, "stage_index": index, f"stage_seconds/{stage.name}": seconds}
         if ray.train.get_context().get_world_rank() == 0:
+            write_node_record(self.spec.run_dir, stage.name, checkpoint)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)),
                              checkpoint_dir_name=checkpoint_name(self.spec, checkpoint))
         else:
             ray.train.report(metrics)
         if self.tracker is not None:
             self.tracker.stage_finished(index, stage, checkpoint, seconds)
+
+
+NODE_RECORD = "node.json"
+
+
+def read_node_record(folder: Path) -> dict:
+    path = Path(folder) / NODE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_node_record(run_dir: Path, stage: str | None = None, checkpoint: Path | None = None) -> None:
+    """Where the run trained, in its folder's node.json: the node this process runs on (id, address, host name;
+    at the end, the node that finished the run) and, by stage, the node that trained it. The record travels in
+    each stage checkpoint too, so a run resumed on another node keeps where its earlier stages trained."""
+    import socket
+
+    record = read_node_record(run_dir)
+    record.update(node_id=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address(),
+                  hostname=socket.gethostname())
+    if stage is not None:
+        record["stages"] = {**record.get("stages", {}), stage: record["node_id"]}
+    text = json.dumps(record, indent=1) + "\n"
+    (run_dir / NODE_RECORD).write_text(text)
+    if checkpoint is not None:
+        (checkpoint / NODE_RECORD).write_text(text)
+
+
+def trained_on(run_dir: Path) -> str:
+    """The node id that finished a run, or "" where none is recorded (a run of `personalize train`, or failed)."""
+    return read_node_record(run_dir).get("node_id", "")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -139,6 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise
             continue
         if main:
+            write_node_record(spec.run_dir)
             root.push(root.relative(spec.run_dir), marker=DONE)  # an s3 root gets the finished folder, marker last
         if tracker is not None and trial_tracker is None:
             tracker.finish(spec.run_dir, "FINISHED")

@@ -66,6 +66,7 @@ def test_good_runs_finish_and_bad_concepts_are_reported(tracked):
     good = frame[frame["concept"] == "ball"]
     assert list(good["status"]) == ["finished", "finished"]
     assert good[["clip_t", "clip_i", "dino"]].notna().all().all()
+    assert good["node"].str.fullmatch("[0-9a-f]{56}").all()  # the Ray node that finished each run
     for run in good["run_dir"]:
         assert {"DONE.json", "learned_embeds.safetensors", "losses.csv", "samples.png"} <= {p.name for p in Path(run).iterdir()}
         assert json.loads(good[good["run_dir"] == run]["stage_seconds"].iloc[0])
