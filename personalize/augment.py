@@ -10,8 +10,9 @@ custom_diffusion: centre square crop, h-flip p=0.5, then random rescale: p=2/3 s
                   pixel; above S it is cropped and the caption gets "zoomed in " / "close up "; in between
                   nothing changes (as in the official code).
 
-Every preset but custom_diffusion also makes non-square variants, for aspect-ratio buckets: `size` is then a
-(width, height) pair, the photo is resized to cover it and cropped to it (see `aspect_bucket`).
+A preset gets the square's side as `size`. Presets registered with `any_shape=True` (ti, dreambooth, attn) also
+make non-square variants, for aspect-ratio buckets: `size` is then a (width, height) pair, and the photo is
+resized to cover it and cropped to it (see `aspect_bucket`).
 """
 
 from __future__ import annotations
@@ -95,18 +96,19 @@ def flip(image: Image.Image, p: float, gen: torch.Generator) -> Image.Image:
     return image.transpose(Image.FLIP_LEFT_RIGHT) if _uniform(gen) < p else image
 
 
-Augmentation = Callable[[Image.Image, Size, int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
+Augmentation = Callable[[Image.Image, "int | Size", int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
 AUGMENTATIONS: dict[str, Augmentation] = {}
-SQUARE_ONLY: set[str] = set()  # presets that cannot make non-square variants (no aspect-ratio buckets)
+ANY_SHAPE: set[str] = set()  # presets that also make non-square variants (aspect-ratio buckets)
 
 
-def augmentation(name: str, square_only: bool = False):
-    """Register a preset under the name a method's `augmentation:` key gives."""
+def augmentation(name: str, any_shape: bool = False):
+    """Register a preset under the name a method's `augmentation:` key gives; `any_shape` if it takes a (width,
+    height) size as well as a square's side."""
 
     def add(fn: Augmentation) -> Augmentation:
         AUGMENTATIONS[name] = fn
-        if square_only:
-            SQUARE_ONLY.add(name)
+        if any_shape:
+            ANY_SHAPE.add(name)
         return fn
 
     return add
@@ -115,33 +117,37 @@ def augmentation(name: str, square_only: bool = False):
 def augment(image: Image.Image, preset: str, size: int | Size, vae_scale: int, gen: torch.Generator) -> Variant:
     if preset not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation preset {preset!r}; available: {', '.join(sorted(AUGMENTATIONS))}")
+    width, height = as_size(size)
+    if width == height:
+        return AUGMENTATIONS[preset](image, width, vae_scale, gen)
+    if preset not in ANY_SHAPE:
+        raise ValueError(f"augmentation preset {preset!r} makes square variants only, not {width}x{height}")
+    return AUGMENTATIONS[preset](image, (width, height), vae_scale, gen)
+
+
+@augmentation("ti", any_shape=True)
+def _ti(image: Image.Image, size: int | Size, vae_scale: int, gen: torch.Generator) -> Variant:
+    return Variant(to_tensor(flip(image.resize(as_size(size), Image.BICUBIC), 0.5, gen)), None)
+
+
+@augmentation("dreambooth", any_shape=True)
+def _dreambooth(image: Image.Image, size: int | Size, vae_scale: int, gen: torch.Generator) -> Variant:
     size = as_size(size)
-    if preset in SQUARE_ONLY and size[0] != size[1]:
-        raise ValueError(f"augmentation preset {preset!r} makes square variants only, not {size[0]}x{size[1]}")
-    return AUGMENTATIONS[preset](image, size, vae_scale, gen)
-
-
-@augmentation("ti")
-def _ti(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
-    return Variant(to_tensor(flip(image.resize(size, Image.BICUBIC), 0.5, gen)), None)
-
-
-@augmentation("dreambooth")
-def _dreambooth(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
     return Variant(to_tensor(random_crop(resize_to_cover(image, size), size, gen)), None)
 
 
-@augmentation("attn")
-def _attn(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
+@augmentation("attn", any_shape=True)
+def _attn(image: Image.Image, size: int | Size, vae_scale: int, gen: torch.Generator) -> Variant:
+    size = as_size(size)
     if _uniform(gen) < 0.75:
         image = image.rotate(_uniform(gen, -45.0, 45.0), resample=Image.NEAREST, expand=True)
     image = flip(resize_to_cover(image, size), 0.25, gen)
     return Variant(to_tensor(random_crop(image, size, gen)), None)
 
 
-@augmentation("custom_diffusion", square_only=True)
-def _custom_diffusion(image: Image.Image, size: Size, vae_scale: int, gen: torch.Generator) -> Variant:
-    return _random_rescale(flip(center_square(image), 0.5, gen), size[0], vae_scale, gen)
+@augmentation("custom_diffusion")
+def _custom_diffusion(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
+    return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
 
 
 def _random_rescale(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:

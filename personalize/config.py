@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from personalize import storage
-from personalize.augment import SQUARE_ONLY
+from personalize.augment import ANY_SHAPE
 from personalize.errors import ConfigError
 from personalize.fingerprint import local_model_fingerprint
 from personalize.locations import CONFIG_ROOT
@@ -252,7 +252,7 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
         concepts = [_resolve_concept(c, base_dir) for c in concepts]
     fingerprint = local_model_fingerprint(model)
     validation = validation_with_protocol(experiment.validation, method)
-    if experiment.aspect_buckets and method.augmentation in SQUARE_ONLY:
+    if experiment.aspect_buckets and method.augmentation not in ANY_SHAPE:
         raise ConfigError(f"method {method.name}", [f"aspect_buckets: its augmentation ({method.augmentation}) makes "
                                                      "square images only; turn aspect_buckets off for this method"])
     runs = []
