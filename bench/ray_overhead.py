@@ -1,5 +1,7 @@
 """What Ray costs and buys: the wall time of one tiny run through `personalize batch` against the same run
-through `personalize train` (in-process), and of N runs with 1 vs 2 concurrent runs (the scaling ratio).
+through `personalize train` (in-process); the time each further run adds on Ray beyond what it adds in-process
+(N runs, one at a time); the speed-up of 2 concurrent runs; and the peak memory of each command's whole process
+tree (proportional set size: shared pages counted once), per concurrent run beyond the in-process figure.
 
     python bench/ray_overhead.py                 # tiny model, local Ray, CPU
     python bench/ray_overhead.py --runs 4 --steps 200
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from personalize.models import build_tiny_model
@@ -28,17 +31,36 @@ def concepts(folder: Path, count: int) -> Path:
     return write_concepts(folder, (list(DEFAULT_CONCEPTS) + extra)[:count], photos=4, size=96)
 
 
-def timed(command: list[str]) -> float:
-    began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - began
+def tree_pss(root: psutil.Process) -> int:
+    """Proportional set size of a process and all its descendants (Ray's daemons and workers included)."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak memory of the command's process tree in GB), sampled every half second."""
+    began, peak = time.perf_counter(), 0
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            peak = max(peak, tree_pss(watched))
+            time.sleep(0.5)
+        seconds = time.perf_counter() - began
+        if proc.returncode != 0:
+            out.seek(0)
+            raise RuntimeError(f"{' '.join(command[:4])} failed:\n{out.read().decode()[-4000:]}")
+    return seconds, peak / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=4, help="runs in the scaling measurement")
+    parser.add_argument("--runs", type=int, default=4, help="runs in the scaling measurement (at least 2)")
     parser.add_argument("--steps", type=int, default=60, help="Textual Inversion steps per run")
     args = parser.parse_args()
     cli = [sys.executable, "-m", "cluster.cli"]
@@ -65,13 +87,21 @@ def main() -> None:
                                             "resources": {"max_concurrent_runs": concurrent}}))
             return str(path)
 
-        in_process = timed([*cli, "train", experiment("train-one", one)])
-        on_ray = timed([*cli, "batch", batch("batch-one", one, 1)])
-        serial = timed([*cli, "batch", batch("batch-serial", many, 1)])
-        parallel = timed([*cli, "batch", batch("batch-parallel", many, 2)])
-    print(f"\none tiny run ({args.steps} steps): personalize train {in_process:.1f} s, personalize batch {on_ray:.1f} s "
-          f"-> ratio {on_ray / in_process:.2f} (Ray start, Ray Data preparation, a Train worker per run)")
-    print(f"{args.runs} runs: 1 at a time {serial:.1f} s, 2 at a time {parallel:.1f} s -> speed-up {serial / parallel:.2f}")
+        (in_one, in_one_gb), (in_many, _) = (timed([*cli, "train", experiment("train-one", one)]),
+                                             timed([*cli, "train", experiment("train-many", many)]))
+        on_ray, ray_one_gb = timed([*cli, "batch", batch("batch-one", one, 1)])
+        serial, _ = timed([*cli, "batch", batch("batch-serial", many, 1)])
+        parallel, parallel_gb = timed([*cli, "batch", batch("batch-parallel", many, 2)])
+    runs = args.runs
+    per_run_in_process = (in_many - in_one) / (runs - 1)
+    per_run_on_ray = (serial - on_ray) / (runs - 1)
+    print(f"\none tiny run ({args.steps} steps): personalize train {in_one:.1f} s, personalize batch {on_ray:.1f} s "
+          f"-> ratio {on_ray / in_one:.2f}, {on_ray - in_one:.1f} s fixed (Ray start, Ray Data preparation, Ray Train)")
+    print(f"each further run, one at a time: {per_run_on_ray:.1f} s on Ray against {per_run_in_process:.1f} s in-process "
+          f"-> {per_run_on_ray - per_run_in_process:.1f} s of overhead a run")
+    print(f"{runs} runs: 1 at a time {serial:.1f} s, 2 at a time {parallel:.1f} s -> speed-up {serial / parallel:.2f}")
+    print(f"peak memory (PSS of the process tree): in-process {in_one_gb:.2f} GB, one run on Ray {ray_one_gb:.2f} GB, "
+          f"2 concurrent runs on Ray {parallel_gb:.2f} GB -> {(parallel_gb - ray_one_gb):.2f} GB a further concurrent run")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from personalize.outcome import RunOutcome
 from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds
@@ -30,11 +29,11 @@ def run_name(spec: RunSpec) -> str:
     return f"{spec.concept.id}--{spec.method.name}--{spec.config_hash()}"
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _fit(spec_json: str, scaling: dict, storage: str, max_failures: int, env: dict, tracking: dict | None) -> str | None:
+def fit_run(spec: RunSpec, scaling: dict, storage: str, max_failures: int, env: dict, tracking: dict | None) -> str | None:
+    """One run's Ray Train run, called from a thread of the driver: its controller is attached to the driver's
+    node, and no process is started only to wait for it. None when it finished, else the error."""
     from pipelines.storage import StorageRoot
 
-    spec = RunSpec.model_validate_json(spec_json)
     storage_path, filesystem = StorageRoot(storage).ray_storage()
     task = WorkerTask(specs=[spec], storage=storage, tracking=tracking)
     trainer = TorchTrainer(
@@ -95,7 +94,6 @@ def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
 def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
                env: dict, tracking: dict | None = None) -> list[RunOutcome]:
     """Train every run, at most `concurrency` at a time; runs settled by an earlier submission start nothing."""
-    from personalize.run_folder import DONE
     from pipelines.storage import StorageRoot
 
     root = StorageRoot(storage)
@@ -108,28 +106,38 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
             outcomes.append(earlier)
     inflight: dict = {}
     progress = Progress(pending)
-    # Each run's waiting task, and the Train controller that Ray attaches to its node, stay on the driver's node:
-    # a worker node lost mid-batch then takes only Ray Train workers with it, which restart elsewhere.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    while pending or inflight:
-        while pending and len(inflight) < concurrency:
-            spec = pending.pop(0)
-            log.info("training %s / %s", spec.concept.id, spec.method.name)
-            # the driver's settings (the S3 endpoint above all) reach the trainer's controller too, not only its workers
-            fit = _fit.options(scheduling_strategy=here, **({"runtime_env": {"env_vars": env}} if env else {}))
-            ref = fit.remote(spec.model_dump_json(), scaling, storage, max_failures, env, tracking)
-            inflight[ref] = (spec, time.perf_counter())
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-        if not ready:
-            if progress.due():
-                print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
-            continue
-        spec, began = inflight.pop(ready[0])
-        if root.remote:  # the run may have trained on another node: its folder, or its failure, is in the bucket
-            if not root.pull(root.relative(spec.run_dir), marker=DONE):
-                root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
-        outcome = outcome_of(spec, ray.get(ready[0]), time.perf_counter() - began)
-        log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
-        progress.record(spec, outcome.status)
-        outcomes.append(outcome)
+    # Each run is fitted from a thread of this process, so its Train controller (which Ray attaches to the node
+    # that calls fit) stays on the driver's node: a worker node lost mid-batch takes only Ray Train workers with it,
+    # which restart elsewhere.
+    threads = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fit")
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < concurrency:
+                spec = pending.pop(0)
+                log.info("training %s / %s", spec.concept.id, spec.method.name)
+                future = threads.submit(fit_run, spec, scaling, storage, max_failures, env, tracking)
+                inflight[future] = (spec, time.perf_counter())
+            ready, _ = wait(list(inflight), timeout=5.0, return_when=FIRST_COMPLETED)
+            if not ready:
+                if progress.due():
+                    print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
+                continue
+            future = next(iter(ready))
+            spec, began = inflight.pop(future)
+            outcomes.append(settle(spec, root, future.result(), began, progress))
+    finally:
+        threads.shutdown(wait=False, cancel_futures=True)
     return outcomes
+
+
+def settle(spec: RunSpec, root, error: str | None, began: float, progress: Progress) -> RunOutcome:
+    """A run's outcome once its Train run returned, read from its folder (pulled from the bucket with an s3 root)."""
+    from personalize.run_folder import DONE
+
+    if root.remote:  # the run may have trained on another node: its folder, or its failure, is in the bucket
+        if not root.pull(root.relative(spec.run_dir), marker=DONE):
+            root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
+    outcome = outcome_of(spec, error, time.perf_counter() - began)
+    log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
+    progress.record(spec, outcome.status)
+    return outcome
