@@ -255,6 +255,10 @@ def resolve_runs(experiment: ExperimentConfig, base_dir: Path | None = None) -> 
     if experiment.aspect_buckets and method.augmentation not in ANY_SHAPE:
         raise ConfigError(f"method {method.name}", [f"aspect_buckets: its augmentation ({method.augmentation}) makes "
                                                      "square images only; turn aspect_buckets off for this method"])
+    if experiment.aspect_buckets and method.class_prior is not None and method.class_prior.mode == "mixed":
+        raise ConfigError(f"method {method.name}", ["aspect_buckets: class priors mixed into the instance slots "
+                                                     "(class_prior.mode: mixed) need one shape; use mode: concat or "
+                                                     "turn aspect_buckets off"])
     runs = []
     for concept in concepts:
         runs.append(
@@ -295,10 +299,22 @@ def _resolve_concept(concept: ConceptSpec, base_dir: Path | str) -> ConceptSpec:
         value = getattr(concept, key)
         if value and "://" not in value:
             if is_s3(base_dir):
-                update[key] = f"s3://{posixpath.normpath(posixpath.join(str(base_dir).removeprefix('s3://'), value))}"
+                update[key] = _in_bucket(str(base_dir), value)
             else:
                 update[key] = str(_relative(value, Path(base_dir)))
     return concept.model_copy(update=update)
+
+
+def _in_bucket(base_uri: str, value: str) -> str:
+    """A folder named in a manifest stored at `base_uri`, inside that manifest's bucket."""
+    bucket = base_uri.removeprefix("s3://").split("/", 1)[0]
+    if value.startswith(("/", "~")):
+        raise ValueError(f"{value!r} is a path on some machine, but the manifest is in bucket {bucket}: give a folder "
+                         "relative to the manifest or an s3:// uri")
+    resolved = posixpath.normpath(posixpath.join(base_uri.removeprefix("s3://"), value))
+    if resolved.split("/", 1)[0] != bucket or "/" not in resolved:
+        raise ValueError(f"{value!r} leaves bucket {bucket}: give a folder inside it, or an s3:// uri")
+    return f"s3://{resolved}"
 
 
 def _relative(path: str, base_dir: Path | None) -> Path:
@@ -371,6 +387,8 @@ def _validate_rows(rows: list, path: Path, base_dir: Path | str) -> tuple[list[C
             concepts.append(_resolve_concept(ConceptSpec.model_validate(row), base_dir))
         except ValidationError as e:
             bad[label if label not in bad else f"{label} (row {i + 1})"] = "; ".join(format_validation_error(e, row))
+        except ValueError as e:  # a folder that cannot be resolved where the manifest is
+            bad[label if label not in bad else f"{label} (row {i + 1})"] = str(e)
     ids = [c.id for c in concepts]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         folders = ", ".join(c.images for c in concepts if c.id == dup)

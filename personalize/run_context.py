@@ -164,6 +164,9 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
 def instance_shapes(spec: RunSpec, images: list, components: SDComponents) -> list[tuple[int, int]]:
     """Each photo's training (width, height): its aspect-ratio bucket with `aspect_buckets`, else the square."""
     step = bucket_step(components.vae, components.unet) if spec.aspect_buckets else None
+    if step is not None and spec.resolution % step:
+        raise ConfigError("aspect_buckets", [f"resolution {spec.resolution} is not a multiple of {step} px, the side "
+                                             f"step of this model's buckets: use {max(step, spec.resolution // step * step)}"])
     return training_shapes(images, spec.resolution, step)
 
 

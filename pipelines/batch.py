@@ -45,7 +45,8 @@ def result_rows(specs, bad: dict[str, str], outcomes, evaluations, eval_error: s
             continue
         outcome = by_run[str(spec.run_dir)]
         row.update(status=outcome.status, reason=redact(outcome.reason), train_seconds=round(outcome.seconds, 2),
-                   stage_seconds=json.dumps(outcome.stage_seconds), node=trained_on(spec.run_dir))
+                   stage_seconds=json.dumps(outcome.stage_seconds),
+                   node=trained_on(spec.run_dir) if outcome.status != "failed" else "")
         evaluation = evaluations.get(str(spec.run_dir))
         if evaluation is not None:
             m = evaluation.metrics

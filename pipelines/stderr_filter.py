@@ -37,12 +37,17 @@ def filtered_stderr(pattern: re.Pattern[bytes] = RAY_ACTOR_ARGUMENTS_NOTICE) -> 
     drained = threading.Event()
 
     def pump() -> None:
+        open_terminal = True
         while chunk := os.read(read_end, 65536):
             if _DRAINED in chunk:
                 chunk = chunk.replace(_DRAINED, b"")
                 drained.set()
-            if chunk := drop_known_lines(chunk, pattern):
-                os.write(terminal, chunk)
+            chunk = drop_known_lines(chunk, pattern)
+            while open_terminal and chunk:
+                try:
+                    chunk = chunk[os.write(terminal, chunk):]
+                except OSError:  # the reader is gone (a closed pipe or terminal): keep draining, so writers never block
+                    open_terminal = False
         os.close(read_end)
         os.close(terminal)
 

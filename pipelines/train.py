@@ -8,9 +8,10 @@ not retried; a finished run (DONE.json with the same config hash) is never start
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -104,29 +105,34 @@ def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: i
             pending.append(spec)
         else:
             outcomes.append(earlier)
-    inflight: dict = {}
+    inflight: dict[int, tuple[RunSpec, float]] = {}
     progress = Progress(pending)
     # Each run is fitted from a thread of this process, so its Train controller (which Ray attaches to the node
     # that calls fit) stays on the driver's node: a worker node lost mid-batch takes only Ray Train workers with it,
-    # which restart elsewhere.
-    threads = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fit")
-    try:
-        while pending or inflight:
-            while pending and len(inflight) < concurrency:
-                spec = pending.pop(0)
-                log.info("training %s / %s", spec.concept.id, spec.method.name)
-                future = threads.submit(fit_run, spec, scaling, storage, max_failures, env, tracking)
-                inflight[future] = (spec, time.perf_counter())
-            ready, _ = wait(list(inflight), timeout=5.0, return_when=FIRST_COMPLETED)
-            if not ready:
-                if progress.due():
-                    print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
-                continue
-            future = next(iter(ready))
-            spec, began = inflight.pop(future)
-            outcomes.append(settle(spec, root, future.result(), began, progress))
-    finally:
-        threads.shutdown(wait=False, cancel_futures=True)
+    # which restart elsewhere. The threads are daemons: a driver that stops (an error, Ctrl-C) does not wait for them.
+    finished: queue.Queue = queue.Queue()
+
+    def fit(spec: RunSpec) -> None:
+        try:
+            error = fit_run(spec, scaling, storage, max_failures, env, tracking)
+        except Exception as e:  # setting the run up failed: still a result, or the batch would wait for it forever
+            error = f"{type(e).__name__}: {e}"
+        finished.put((id(spec), error))
+
+    while pending or inflight:
+        while pending and len(inflight) < concurrency:
+            spec = pending.pop(0)
+            log.info("training %s / %s", spec.concept.id, spec.method.name)
+            inflight[id(spec)] = (spec, time.perf_counter())
+            threading.Thread(target=fit, args=(spec,), name=f"fit-{spec.concept.id}", daemon=True).start()
+        try:
+            key, error = finished.get(timeout=5.0)
+        except queue.Empty:
+            if progress.due():
+                print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
+            continue
+        spec, began = inflight.pop(key)
+        outcomes.append(settle(spec, root, error, began, progress))
     return outcomes
 
 

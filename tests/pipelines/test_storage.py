@@ -33,11 +33,15 @@ def test_a_concept_manifest_in_the_bucket_resolves_its_folders_there(seaweedfs, 
     storage.upload_dir(draw_concept(tmp_path / "dog", n=3), "s3://personalize/lab/photos/dog")
     manifest = ("- {id: dog, images: photos/dog, super_category: dog}\n"
                 "- {id: cat, images: s3://elsewhere/cat, super_category: cat}\n"
-                "- {id: ../escape, images: photos/x, super_category: toy}\n")
+                "- {id: ../escape, images: photos/x, super_category: toy}\n"
+                "- {id: local, images: /data/photos/x, super_category: toy}\n"
+                "- {id: outside, images: ../../../other/x, super_category: toy}\n")
     storage.write_bytes("s3://personalize/lab/manifests/concepts.yaml", manifest.replace("photos/", "../photos/").encode())
     good, bad = read_manifest("s3://personalize/lab/manifests/concepts.yaml")
     assert [(c.id, c.images) for c in good] == [("dog", "s3://personalize/lab/photos/dog"), ("cat", "s3://elsewhere/cat")]
-    assert list(bad) == ["../escape"]
+    assert list(bad) == ["../escape", "local", "outside"]
+    assert "is a path on some machine, but the manifest is in bucket personalize" in bad["local"]
+    assert "leaves bucket personalize" in bad["outside"]
     assert len(load_concept_images("dog", good[0].images, resolution=64)) == 3
 
     class Batch:  # the part of a batch config split_manifest reads

@@ -158,3 +158,15 @@ def test_buckets_with_a_square_only_augmentation_is_a_config_error(method, spec_
     with pytest.raises(ConfigError, match=rf"(?s)method {method}: 1 problem.*aspect_buckets: its augmentation "
                                           r"\(custom_diffusion\) makes square images only"):
         spec_for(method, aspect_buckets=True)
+
+
+def test_buckets_refuse_a_mixed_prior_mode_and_a_resolution_off_the_step(spec_for, tiny_model, tmp_path):
+    from personalize.errors import ConfigError
+    from personalize.run_context import prepare_run
+
+    with pytest.raises(ConfigError, match=r"(?s)method dreambooth: 1 problem.*class_prior.mode: mixed"):
+        spec_for("dreambooth", aspect_buckets=True, overrides={"class_prior.mode": "mixed"})
+    concept = {"id": "wide", "images": str(wide_photos(tmp_path / "wide")), "super_category": "toy"}
+    spec = spec_for("textual_inversion", concept=concept, aspect_buckets=True, resolution=68)
+    with pytest.raises(ConfigError, match="resolution 68 is not a multiple of 8 px.*use 64"):
+        prepare_run(spec, load_components(str(tiny_model)), progress=False)
