@@ -1,8 +1,11 @@
 """A batch driver killed outright (SIGKILL: no atexit, no ray.shutdown()) while its runs train leaves no process of
-its local Ray behind: the watcher started beside it ends them (without it, two linger for tens of seconds)."""
+its local Ray behind: the watcher started beside it ends them (without it, two linger for tens of seconds). Ctrl-C
+(SIGINT) stops it at once, with status 130 and how to resume, though its runs' Train controllers were being waited
+on from threads of the driver."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +20,8 @@ pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_killed_batch_driver_leaves_no_ray_process(tiny_model, concept_dir, tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_killed_or_interrupted_batch_driver_leaves_no_ray_process(how, tiny_model, concept_dir, tmp_path):
     config = tmp_path / "batch.yaml"
     config.write_text(yaml.safe_dump({
         "model": str(tiny_model), "methods": ["textual_inversion"], "storage": str(tmp_path / "store"),
@@ -35,8 +39,14 @@ def test_a_killed_batch_driver_leaves_no_ray_process(tiny_model, concept_dir, tm
         if " training, " in line and "0 training" not in line:  # the progress line: a run is training
             break
     assert session and session_processes(session), "the batch did not start training"
-    driver.kill()
-    driver.wait()
+    if how == "SIGKILL":
+        driver.kill()
+        driver.wait()
+    else:
+        driver.send_signal(signal.SIGINT)
+        rest = driver.communicate(timeout=60)[0]
+        assert driver.returncode == 130, rest
+        assert "interrupted: finished runs are kept" in rest and "run the same command again to resume" in rest
     deadline = time.monotonic() + 10
     while session_processes(session) and time.monotonic() < deadline:
         time.sleep(0.5)
