@@ -6,6 +6,7 @@
         FAILED.json            failed for good (bad input): the reason and the config hash
         checkpoints/           stage checkpoints of a run part-way (personalize/checkpoint.py)
         validation.csv         validation points, with their grids in validation/ (personalize/validation.py)
+        node.json              on Ray: the node that trained each stage and finished the run (pipelines/worker.py)
 
 A folder belongs to the configuration whose hash its DONE.json or latest checkpoint records; a run of another
 configuration never writes into it, so finished or partial work is never overwritten.

@@ -27,6 +27,7 @@ from personalize.run_settings import VALIDATION_SCORES, EvaluationSpec, RunSpec
 from personalize.validation import objective  # the weighted sum a scheduler ranks trials by, as validation does
 
 log = logging.getLogger(__name__)
+NODE_RECORD = "node.json"  # where a run trained: written by Ray Train workers only
 BAD_INPUT = (ConceptError, ConfigError, RunStateError)
 
 
@@ -113,9 +114,6 @@ class StageReports:
             ray.train.report(metrics)
         if self.tracker is not None:
             self.tracker.stage_finished(index, stage, checkpoint, seconds)
-
-
-NODE_RECORD = "node.json"
 
 
 def read_node_record(folder: Path) -> dict:
