@@ -28,17 +28,20 @@ class StateApiLogs:
 
     def __init__(self, node_id: str):
         self.node_id = node_id
+        # the connected cluster's address: left out, Ray looks for one running on this machine and refuses to
+        # choose when it finds two (a local batch beside `personalize stack up`)
+        self.address = ray.get_runtime_context().gcs_address
 
     def names(self) -> set[str]:
         from ray.util.state import list_logs
 
-        return {name for group in list_logs(node_id=self.node_id, glob_filter="*worker-*").values() for name in group
-                if Path(name).name.startswith("worker-")}
+        return {name for group in list_logs(address=self.address, node_id=self.node_id, glob_filter="*worker-*").values()
+                for name in group if Path(name).name.startswith("worker-")}
 
     def read(self, name: str, max_lines: int) -> str:
         from ray.util.state import get_log
 
-        return "".join(get_log(node_id=self.node_id, filename=name, tail=max_lines, errors="replace"))
+        return "".join(get_log(address=self.address, node_id=self.node_id, filename=name, tail=max_lines, errors="replace"))
 
 
 class FolderLogs:
