@@ -29,8 +29,11 @@ def test_a_killed_or_interrupted_batch_driver_leaves_no_ray_process(how, tiny_mo
         "latent_variants": 2, "evaluation": None, "tracking": {"enabled": False}, "samples": {"steps": 1, "seeds": [0]},
         "method_overrides": {"textual_inversion": {"stages.embedding.steps": 100000}}}))
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    # a shell without job control starts background commands with Ctrl-C ignored, and children inherit that: the
+    # driver gets Ctrl-C's default however these tests were started
     driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "batch", str(config)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     session = None
     for line in driver.stdout:
         started = re.search(r"started a local Ray .*Ray's worker logs in (\S+)/logs", line)
