@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# tiny models gain nothing from a second thread; under pytest-xdist each worker process takes one core
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else 2)
 # the session's caches (s3 mirrors, class priors, downloaded models) live in a folder of its own, set before any
 # Ray or stack process starts so that they inherit it: nothing is read from or left in the user's ~/.cache
 # (Ray workers import this module too when they load a test's function: they inherit the folder, never make one)
@@ -22,6 +23,53 @@ OWNS_CACHE = "PERSONALIZE_TEST_SESSION_CACHE" not in os.environ
 if OWNS_CACHE:
     os.environ["PERSONALIZE_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="personalize-test-cache-")
 os.environ["PERSONALIZE_CACHE"] = os.environ["PERSONALIZE_TEST_SESSION_CACHE"]
+
+
+SESSION_RAY_FIXTURES = {"local_ray", "seaweedfs", "ray_with_s3"}
+# The modules whose tests start Ray (the session's, or a cluster or stack of their own). Under pytest-xdist one
+# worker runs them all, in order, first: on a small machine two Ray clusters side by side make each test several
+# times slower, and these tests set the suite's length. The other workers share the in-process tests.
+RAY_MODULES = {
+    "tests/e2e/test_stack_job_browser.py",
+    "tests/microworld/test_quality_smoke.py",
+    "tests/pipelines/test_bad_input_corpus.py",
+    "tests/pipelines/test_batch.py",
+    "tests/pipelines/test_cleanup.py",
+    "tests/pipelines/test_cluster.py",
+    "tests/pipelines/test_multinode.py",
+    "tests/pipelines/test_preflight_storage.py",
+    "tests/pipelines/test_storage.py",
+    "tests/tuning/test_sweep.py",
+    "tests/unit/test_quiet_terminal.py",
+}
+
+
+def xdist_worker_index() -> int:
+    """0 outside pytest-xdist, else the worker's number (gw0, gw1, ...)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+
+
+def module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    starts_ray = [item for item in items if SESSION_RAY_FIXTURES & set(item.fixturenames) or item.get_closest_marker("slow")]
+    unlisted = sorted({module_of(item.nodeid) for item in starts_ray} - RAY_MODULES)
+    if unlisted:
+        raise pytest.UsageError(f"tests starting Ray in {unlisted}: add their modules to RAY_MODULES in tests/conftest.py")
+    items.sort(key=lambda item: module_of(item.nodeid) not in RAY_MODULES)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's load balancing, with the Ray modules as one unit of work."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if module_of(nodeid) in RAY_MODULES else nodeid
+
+    return RayModulesTogether(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

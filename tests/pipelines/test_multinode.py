@@ -23,6 +23,8 @@ from tests.conftest import draw_concept
 from tests.pipelines.conftest import batch_file
 from tests.pipelines.ray_nodes import LocalCluster, cluster_env
 
+pytestmark = [pytest.mark.slow]
+
 S3_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
 
 

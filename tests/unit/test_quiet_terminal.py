@@ -4,6 +4,7 @@ its database set-up notes, Ray Data's "progress bars disabled" and Ray's token-a
 import logging
 import os
 
+import pytest
 from mlflow.utils.logging_utils import eprint
 
 from pipelines.batch import quiet_ray_data
@@ -95,6 +96,7 @@ ray.shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_a_commands_terminal_keeps_everything_but_the_notice_even_from_ray(tmp_path):
     import subprocess
     import sys
