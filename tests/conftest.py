@@ -44,11 +44,6 @@ RAY_MODULES = {
 }
 
 
-def xdist_worker_index() -> int:
-    """0 outside pytest-xdist, else the worker's number (gw0, gw1, ...)."""
-    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-
-
 def module_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from tests.conftest import draw_concept, xdist_worker_index
+from tests.conftest import draw_concept
 
 
 def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> str:
@@ -30,11 +30,10 @@ def batch_file(folder, tiny_model, scorers, storage, concepts=None, **extra) -> 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """A real SeaweedFS S3 server on loopback (ports shifted so a running stack is not disturbed, and below
-    10002 so that none falls in the range in-process Ray hands to its workers; each pytest-xdist worker has its
-    own)."""
+    10002 so that none falls in the range in-process Ray hands to its workers)."""
     from pipelines.stack import Ports, Stack
 
-    stack = Stack(tmp_path_factory.mktemp("seaweed"), Ports.offset(-2000 - 20 * xdist_worker_index()))
+    stack = Stack(tmp_path_factory.mktemp("seaweed"), Ports.offset(-2000))
     stack.up(only=("seaweedfs",), timeout=120)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")}
     env = stack.client_env()
