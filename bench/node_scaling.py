@@ -13,7 +13,6 @@ concurrent run has its own device.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import subprocess
@@ -26,16 +25,10 @@ import pandas as pd
 import yaml
 
 from personalize.models import build_tiny_model
-from personalize.synthetic import DEFAULT_CONCEPTS, SyntheticConcept, write_concepts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' multi-node helper, from the repository root
+from bench.ray_overhead import concepts  # noqa: E402
 from tests.pipelines.ray_nodes import LocalCluster, cluster_env  # noqa: E402
-
-
-def concepts(folder: Path, count: int) -> Path:
-    extra = [SyntheticConcept(f"concept-{i}", "toy", "object", (30 * i % 255, 120, 200), (250, 250, 250), "ellipse")
-             for i in range(max(0, count - len(DEFAULT_CONCEPTS)))]
-    return write_concepts(folder, (list(DEFAULT_CONCEPTS) + extra)[:count], photos=4, size=96)
 
 
 def batch_config(folder: Path, model: Path, manifest: Path, steps: int, concurrent: int) -> Path:
@@ -73,7 +66,7 @@ def main() -> None:
             seconds = time.perf_counter() - began
             if done.returncode != 0:
                 raise RuntimeError(f"the batch at {concurrent} concurrent runs failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-            results = pd.read_parquet(io.BytesIO((folder / f"store-{concurrent}" / "results" / "results.parquet").read_bytes()))
+            results = pd.read_parquet(folder / f"store-{concurrent}" / "results" / "results.parquet")
             rows.append({"concurrent": concurrent, "seconds": round(seconds, 1),
                          "concepts_per_hour": round(3600 * args.concepts / seconds, 1),
                          "finished": int((results["status"] == "finished").sum()), "nodes": results["node"].nunique()})
