@@ -1,7 +1,8 @@
 """What Ray costs and buys: the wall time of one tiny run through `personalize batch` against the same run
 through `personalize train` (in-process); the time each further run adds on Ray beyond what it adds in-process
-(N runs, one at a time); the speed-up of 2 concurrent runs; and the peak memory of each command's whole process
-tree (proportional set size: shared pages counted once), per concurrent run beyond the in-process figure.
+(N runs, one at a time: packed into one Ray Train run, the default, and with a Train run each); the speed-up of
+2 concurrent runs; and the peak memory of each command's whole process tree (proportional set size: shared
+pages counted once), per concurrent run beyond the in-process figure.
 
     python bench/ray_overhead.py                 # tiny model, local Ray, CPU
     python bench/ray_overhead.py --runs 4 --steps 200
@@ -79,26 +80,30 @@ def main() -> None:
                                             "output_dir": str(tmp / name), "overrides": method_over}))
             return str(path)
 
-        def batch(name, manifest, concurrent):
+        def batch(name, manifest, concurrent, runs_per_trainer=None):
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump({**common, "name": name, "methods": ["textual_inversion"], "concepts": str(manifest),
                                             "storage": str(tmp / name), "evaluation": None, "tracking": {"enabled": False},
                                             "method_overrides": {"textual_inversion": method_over},
-                                            "resources": {"max_concurrent_runs": concurrent}}))
+                                            "resources": {"max_concurrent_runs": concurrent,
+                                                          "runs_per_trainer": runs_per_trainer}}))
             return str(path)
 
         (in_one, in_one_gb), (in_many, _) = (timed([*cli, "train", experiment("train-one", one)]),
                                              timed([*cli, "train", experiment("train-many", many)]))
         on_ray, ray_one_gb = timed([*cli, "batch", batch("batch-one", one, 1)])
         serial, _ = timed([*cli, "batch", batch("batch-serial", many, 1)])
+        unpacked, _ = timed([*cli, "batch", batch("batch-unpacked", many, 1, runs_per_trainer=1)])
         parallel, parallel_gb = timed([*cli, "batch", batch("batch-parallel", many, 2)])
     runs = args.runs
     per_run_in_process = (in_many - in_one) / (runs - 1)
     per_run_on_ray = (serial - on_ray) / (runs - 1)
+    per_run_unpacked = (unpacked - on_ray) / (runs - 1)
     print(f"\none tiny run ({args.steps} steps): personalize train {in_one:.1f} s, personalize batch {on_ray:.1f} s "
           f"-> ratio {on_ray / in_one:.2f}, {on_ray - in_one:.1f} s fixed (Ray start, Ray Data preparation, Ray Train)")
     print(f"each further run, one at a time: {per_run_on_ray:.1f} s on Ray against {per_run_in_process:.1f} s in-process "
-          f"-> {per_run_on_ray - per_run_in_process:.1f} s of overhead a run")
+          f"-> {per_run_on_ray - per_run_in_process:.1f} s of overhead a run "
+          f"(with a Ray Train run each: {per_run_unpacked:.1f} s -> {per_run_unpacked - per_run_in_process:.1f} s)")
     print(f"{runs} runs: 1 at a time {serial:.1f} s, 2 at a time {parallel:.1f} s -> speed-up {serial / parallel:.2f}")
     print(f"peak memory (PSS of the process tree): in-process {in_one_gb:.2f} GB, one run on Ray {ray_one_gb:.2f} GB, "
           f"2 concurrent runs on Ray {parallel_gb:.2f} GB -> {(parallel_gb - ray_one_gb):.2f} GB a further concurrent run")

@@ -2,6 +2,7 @@
 workers), read once when a stage starts, and active only when set.
 
     PERSONALIZE_INJECT_FAULT=<stage>:<step>:<marker file>   raise once at that step (the marker records it)
+    PERSONALIZE_INJECT_CRASH=<concept>:<stage>:<step>        raise at that step of that concept's runs, every time
     PERSONALIZE_INJECT_HANG=<stage>:<step>                   block there
     PERSONALIZE_INJECT_HANG=<stage>:<step>:<folder>          the first time a concept's run gets there, write
                                                              <folder>/<concept>.hang (its process id) and wait for
@@ -20,10 +21,12 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjection:
-    def __init__(self, stage: str, fault: str | None, hang: str | None, concept: str = ""):
-        self.stage, self.fault, self.hang, self.concept = stage, fault, hang, concept
+    def __init__(self, stage: str, fault: str | None, hang: str | None, concept: str = "", crash: str | None = None):
+        self.stage, self.fault, self.hang, self.concept, self.crash = stage, fault, hang, concept, crash
 
     def before_step(self, step: int) -> None:
+        if self.crash and self.crash.split(":") == [self.concept, self.stage, str(step)]:
+            raise InjectedFault(f"injected crash of {self.concept} at {self.stage} step {step}")
         if self.fault:
             name, at, marker = self.fault.split(":", 2)
             if name == self.stage and int(at) == step and not Path(marker).exists():
@@ -54,4 +57,5 @@ class FaultInjection:
 
 def from_environment(ctx, stage, state: dict) -> FaultInjection | None:
     fault, hang = os.environ.get("PERSONALIZE_INJECT_FAULT"), os.environ.get("PERSONALIZE_INJECT_HANG")
-    return FaultInjection(stage.name, fault, hang, ctx.spec.concept.id) if fault or hang else None
+    crash = os.environ.get("PERSONALIZE_INJECT_CRASH")
+    return FaultInjection(stage.name, fault, hang, ctx.spec.concept.id, crash) if fault or hang or crash else None

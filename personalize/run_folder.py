@@ -64,6 +64,12 @@ def failure_reason(run_dir: str | Path) -> str | None:
     return json.loads(path.read_text())["reason"] if path.is_file() else None
 
 
+def failure_hash(run_dir: str | Path) -> str | None:
+    """The config hash of the run that failed for good in this folder; None when none did."""
+    path = Path(run_dir) / FAILED
+    return json.loads(path.read_text()).get("config_hash") if path.is_file() else None
+
+
 def write_resolved_config(spec: RunSpec) -> None:
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / RESOLVED_CONFIG).write_text(spec.model_dump_json(indent=1))

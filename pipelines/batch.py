@@ -1,7 +1,7 @@
 """`personalize batch CONFIG [overrides]` (also `python -m pipelines.batch`): the product's main job.
 
 prepare (Ray Data: validate images, encode latents, class priors) -> train (Ray Train, one TorchTrainer per
-concept x method run) -> evaluate (Ray Data: actors that sample and score each run) -> results table.
+pack of concept x method runs) -> evaluate (Ray Data: actors that sample and score each run) -> results table.
 
 Without a cluster it starts a local Ray in-process; under `ray job submit` (or with RAY_ADDRESS) it joins the
 cluster. Resubmitting the same config skips finished runs and resumes unfinished ones. Exits non-zero only
@@ -145,7 +145,8 @@ def _execute(plan: BatchPlan, tracker, worker_logs) -> int:
     concurrency = concurrent_runs(cap, res.gpus_per_run, res.cpus_per_run, res.max_concurrent_runs)
     tracking = tracker.worker_settings() if tracker else None
     outcomes = [RunOutcome(s, "failed", refused[str(s.run_dir)]) for s in specs if str(s.run_dir) in refused]
-    outcomes += train_runs(good, scaling, config.storage, concurrency, res.max_failures, forwarded_env(), tracking)
+    outcomes += train_runs(good, scaling, config.storage, concurrency, res.max_failures, forwarded_env(), tracking,
+                           res.runs_per_trainer)
     usable = [o.spec for o in outcomes if o.status in ("finished", "skipped")]
     evaluations, eval_error = {}, ""
     if config.evaluation is not None and usable:

@@ -31,6 +31,8 @@ class ResourceSpec(Strict):
     cpus_per_run: float = Field(default=1.0, gt=0)  # CPU per worker (the only resource when the cluster has no GPU)
     max_concurrent_runs: int | None = Field(default=None, ge=1)  # default: what the cluster can hold at once
     max_failures: int = Field(default=1, ge=0)  # restarts of a run's workers after a crash (resume from checkpoint)
+    runs_per_trainer: int | None = Field(default=None, ge=1)  # runs one Ray Train run trains in turn; default: packs
+    # of up to 8 that fill every concurrent slot (1: a Train run per run)
     data_actors: int = Field(default=1, ge=1)  # Ray Data actor pool size (latents, class priors, sampling, scoring)
 
 

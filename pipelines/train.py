@@ -1,13 +1,20 @@
-"""A batch on Ray Train: one TorchTrainer per (concept, method) run, around the shared worker entry (pipelines/worker.py).
+"""A batch on Ray Train: one TorchTrainer per pack of (concept, method) runs, around the shared worker entry
+(pipelines/worker.py).
 
-Every stage end is reported as a Ray checkpoint under a stable run name, so a restarted worker (FailureConfig)
-or a resubmitted batch resumes from the last stage checkpoint. Bad input fails the run with its reason and is
-not retried; a finished run (DONE.json with the same config hash) is never started again.
+A pack's runs train one after the other in the same Train worker, so Ray's start of a controller and a worker
+is paid once a pack rather than once a run (`resources.runs_per_trainer`; by default packs of up to MAX_PACK
+runs that fill every concurrent slot). Every stage end is reported as a Ray checkpoint under a stable name, so a
+restarted worker (FailureConfig) or a resubmitted batch resumes from the last stage checkpoint. Bad input fails
+its run with its reason and is not retried; a finished run (DONE.json with the same config hash) is never started
+again. A pack whose Train run fails for good settles the runs it finished; its other runs go back to the queue
+one by one, so a crash fails only the run it happened in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import queue
 import shutil
 import threading
@@ -17,32 +24,57 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from personalize.outcome import RunOutcome
-from personalize.run_folder import FAILED, failure_reason, read_done, stage_seconds
+from personalize.run_folder import FAILED, failure_hash, failure_reason, read_done, stage_seconds
 from personalize.run_settings import RunSpec
 from pipelines.progress import Progress
 from pipelines.redaction import redact
 from pipelines.worker import WorkerTask, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+MAX_PACK = 8
 
 
 def run_name(spec: RunSpec) -> str:
     return f"{spec.concept.id}--{spec.method.name}--{spec.config_hash()}"
 
 
-def fit_run(spec: RunSpec, scaling: dict, storage: str, max_failures: int, env: dict, tracking: dict | None) -> str | None:
-    """One run's Ray Train run, called from a thread of the driver: its controller is attached to the driver's
-    node, and no process is started only to wait for it. None when it finished, else the error."""
+def pack_size(runs: int, concurrency: int, limit: int | None = None) -> int:
+    """How many runs one Train run trains in turn: `limit` when set, else as many as fill each concurrent slot
+    once (at most MAX_PACK), then evened out so that the last wave is as full as the others."""
+    if limit:
+        return limit
+    waves = math.ceil(runs / (concurrency * MAX_PACK))
+    return max(1, math.ceil(runs / (concurrency * waves)))
+
+
+def pack_runs(specs: list[RunSpec], size: int) -> list[list[RunSpec]]:
+    return [specs[i : i + size] for i in range(0, len(specs), size)]
+
+
+def pack_name(pack: list[RunSpec]) -> str:
+    """Ray Train's run name: the run's own for a pack of one, else one derived from its runs. Packs are cut from
+    the whole batch, finished runs included, so a resubmitted batch finds the same names and Ray's checkpoints."""
+    if len(pack) == 1:
+        return run_name(pack[0])
+    digest = hashlib.sha256("\n".join(run_name(s) for s in pack).encode()).hexdigest()[:12]
+    return f"{pack[0].concept.id}--{pack[0].method.name}--and-{len(pack) - 1}-more--{digest}"
+
+
+def fit_pack(pack: list[RunSpec], name: str, scaling: dict, storage: str, max_failures: int, env: dict,
+             tracking: dict | None) -> str | None:
+    """One Train run that trains the pack's runs in turn, called from a thread of the driver: its controller is
+    attached to the driver's node, and no process is started only to wait for it. None when it ended, else the
+    error."""
     from pipelines.storage import StorageRoot
 
     storage_path, filesystem = StorageRoot(storage).ray_storage()
-    task = WorkerTask(specs=[spec], storage=storage, tracking=tracking)
+    task = WorkerTask(specs=pack, storage=storage, tracking=tracking)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task.model_dump_json()},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
-            name=run_name(spec), storage_path=storage_path, storage_filesystem=filesystem,
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": env},
@@ -93,57 +125,85 @@ def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
 
 
 def train_runs(specs: list[RunSpec], scaling: dict, storage: str, concurrency: int, max_failures: int,
-               env: dict, tracking: dict | None = None) -> list[RunOutcome]:
-    """Train every run, at most `concurrency` at a time; runs settled by an earlier submission start nothing."""
+               env: dict, tracking: dict | None = None, runs_per_trainer: int | None = None) -> list[RunOutcome]:
+    """Train every run, at most `concurrency` packs at a time; runs settled by an earlier submission start nothing."""
     from pipelines.storage import StorageRoot
 
     root = StorageRoot(storage)
     outcomes, pending = [], []
-    for spec in specs:
-        earlier = earlier_outcome(spec, root)
-        if earlier is None:
-            pending.append(spec)
-        else:
-            outcomes.append(earlier)
-    inflight: dict[int, tuple[RunSpec, float]] = {}
-    progress = Progress(pending)
-    # Each run is fitted from a thread of this process, so its Train controller (which Ray attaches to the node
+    for pack in pack_runs(specs, pack_size(len(specs), concurrency, runs_per_trainer)):
+        name, to_train = pack_name(pack), []
+        for spec in pack:
+            earlier = earlier_outcome(spec, root)
+            if earlier is None:
+                to_train.append(spec)
+            else:
+                outcomes.append(earlier)
+        if to_train:
+            pending.append((name, to_train))
+    inflight: dict[str, tuple[list[RunSpec], float]] = {}
+    progress = Progress([s for _, pack in pending for s in pack])
+    # Each pack is fitted from a thread of this process, so its Train controller (which Ray attaches to the node
     # that calls fit) stays on the driver's node: a worker node lost mid-batch takes only Ray Train workers with it,
     # which restart elsewhere. The threads are daemons: a driver that stops (an error, Ctrl-C) does not wait for them.
     finished: queue.Queue = queue.Queue()
 
-    def fit(spec: RunSpec) -> None:
+    def fit(name: str, pack: list[RunSpec]) -> None:
         try:
-            error = fit_run(spec, scaling, storage, max_failures, env, tracking)
+            error = fit_pack(pack, name, scaling, storage, max_failures, env, tracking)
         except Exception as e:  # setting the run up failed: still a result, or the batch would wait for it forever
             error = f"{type(e).__name__}: {e}"
-        finished.put((id(spec), error))
+        finished.put((name, error))
 
     while pending or inflight:
         while pending and len(inflight) < concurrency:
-            spec = pending.pop(0)
-            log.info("training %s / %s", spec.concept.id, spec.method.name)
-            inflight[id(spec)] = (spec, time.perf_counter())
-            threading.Thread(target=fit, args=(spec,), name=f"fit-{spec.concept.id}", daemon=True).start()
+            name, pack = pending.pop(0)
+            log.info("training %s", ", ".join(f"{s.concept.id} / {s.method.name}" for s in pack))
+            inflight[name] = (pack, time.perf_counter())
+            threading.Thread(target=fit, args=(name, pack), name=f"fit-{name[:40]}", daemon=True).start()
         try:
-            key, error = finished.get(timeout=5.0)
+            name, error = finished.get(timeout=5.0)
         except queue.Empty:
             if progress.due():
-                print(progress.line([s for s, _ in inflight.values()], len(pending)), flush=True)
+                training = [s for pack, _ in inflight.values() for s in pack]
+                print(progress.line(training, sum(len(pack) for _, pack in pending)), flush=True)
             continue
-        spec, began = inflight.pop(key)
-        outcomes.append(settle(spec, root, error, began, progress))
+        pack, began = inflight.pop(name)
+        retry = []
+        for spec in pack:
+            fetch_run(spec, root)
+            if error and len(pack) > 1 and not is_settled(spec):
+                retry.append(spec)  # the run the crash happened in, or one the pack did not reach
+            else:
+                outcomes.append(settle(spec, error, time.perf_counter() - began, len(pack) > 1, progress))
+        if retry:
+            log.info("%s ended with %s: its %d unfinished run(s) go back to the queue one by one", name,
+                     redact(error), len(retry))
+        pending[:0] = [(run_name(spec), [spec]) for spec in retry]
     return outcomes
 
 
-def settle(spec: RunSpec, root, error: str | None, began: float, progress: Progress) -> RunOutcome:
-    """A run's outcome once its Train run returned, read from its folder (pulled from the bucket with an s3 root)."""
+def fetch_run(spec: RunSpec, root) -> None:
+    """With an s3 root, the run's folder (or its failure) from the bucket: it may have trained on another node."""
     from personalize.run_folder import DONE
 
-    if root.remote:  # the run may have trained on another node: its folder, or its failure, is in the bucket
-        if not root.pull(root.relative(spec.run_dir), marker=DONE):
-            root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
-    outcome = outcome_of(spec, error, time.perf_counter() - began)
+    if root.remote and not root.pull(root.relative(spec.run_dir), marker=DONE):
+        root.pull_file(f"{root.relative(spec.run_dir)}/{FAILED}")
+
+
+def is_settled(spec: RunSpec) -> bool:
+    done = read_done(spec.run_dir)
+    return (done is not None and done["config_hash"] == spec.config_hash()) or failure_hash(spec.run_dir) == spec.config_hash()
+
+
+def settle(spec: RunSpec, error: str | None, seconds: float, packed: bool, progress: Progress) -> RunOutcome:
+    """A run's outcome once its Train run returned, read from its folder. A run trained in a pack of several takes
+    the seconds its worker spent on it; a run trained alone, the wall time of its Train run."""
+    from pipelines.worker import read_node_record
+
+    if packed:
+        seconds = read_node_record(spec.run_dir).get("seconds", 0.0)
+    outcome = outcome_of(spec, error, seconds)
     log.info("%s / %s: %s %s", spec.concept.id, spec.method.name, outcome.status, redact(outcome.reason))
     progress.record(spec, outcome.status)
     return outcome

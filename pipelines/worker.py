@@ -1,7 +1,7 @@
 """The one Ray Train worker entry, for a batch's run and for a sweep's trial.
 
 Each run of the task trains in turn (resuming from its checkpoint, restored from Ray's copy after a worker
-restart). Every stage end is reported to Ray Train with its checkpoint; in a sweep's trial the report also carries
+restart; a run the task settled before the restart is not trained again). Every stage end is reported to Ray Train with its checkpoint; in a sweep's trial the report also carries
 a cheap evaluation so that ASHA can stop weak trials between stages, and a last report carries the full
 evaluation. Bad input (a concept, a config, a folder of another configuration) settles the run as failed with its
 reason and is never retried; a trial that loses a run fails, since it can no longer be ranked with the others.
@@ -22,7 +22,7 @@ from ray.train import Checkpoint
 from personalize.errors import ConceptError, ConfigError, RunStateError
 from personalize.method_spec import Strict
 from personalize.plugins import load_plugins
-from personalize.run_folder import DONE, FAILED, write_failed
+from personalize.run_folder import DONE, FAILED, failure_hash, read_done, write_failed
 from personalize.run_settings import VALIDATION_SCORES, EvaluationSpec, RunSpec
 from personalize.validation import objective  # the weighted sum a scheduler ranks trials by, as validation does
 
@@ -49,9 +49,13 @@ class WorkerTask(Strict):
     trial: TrialEvaluation | None = None  # set for a sweep's trial
 
 
+def run_prefix(spec: RunSpec) -> str:
+    return f"{spec.concept.id}--{spec.method.name}--"
+
+
 def checkpoint_name(spec: RunSpec, folder: Path) -> str:
-    """Ray's name for a stage checkpoint: the concept first, as one trial trains several concepts."""
-    return f"{spec.concept.id}--{folder.name}"
+    """Ray's name for a stage checkpoint: concept and method first, as one Train run may train several runs."""
+    return run_prefix(spec) + folder.name
 
 
 def restore_from_ray(spec: RunSpec) -> None:
@@ -60,10 +64,10 @@ def restore_from_ray(spec: RunSpec) -> None:
     if checkpoint is None:
         return
     with checkpoint.as_directory() as source:
-        concept, _, name = Path(source).name.partition("--")
-        if concept != spec.concept.id:
+        found = Path(source).name
+        if not found.startswith(run_prefix(spec)):
             return
-        target = spec.run_dir / "checkpoints" / name
+        target = spec.run_dir / "checkpoints" / found.removeprefix(run_prefix(spec))
         if not (target / "cursor.json").is_file():
             shutil.copytree(source, target, dirs_exist_ok=True)
             if (target / NODE_RECORD).is_file():  # where the stages before it trained
@@ -121,15 +125,19 @@ def read_node_record(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_node_record(run_dir: Path, stage: str | None = None, checkpoint: Path | None = None) -> None:
+def write_node_record(run_dir: Path, stage: str | None = None, checkpoint: Path | None = None,
+                      seconds: float | None = None) -> None:
     """Where the run trained, in its folder's node.json: the node this process runs on (id, address, host name;
-    at the end, the node that finished the run) and, by stage, the node that trained it. The record travels in
-    each stage checkpoint too, so a run resumed on another node keeps where its earlier stages trained."""
+    at the end, the node that finished the run and the seconds the worker spent on it) and, by stage, the node
+    that trained it. The record travels in each stage checkpoint too, so a run resumed on another node keeps where
+    its earlier stages trained."""
     import socket
 
     record = read_node_record(run_dir)
     record.update(node_id=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address(),
                   hostname=socket.gethostname())
+    if seconds is not None:
+        record["seconds"] = round(seconds, 2)
     if stage is not None:
         record["stages"] = {**record.get("stages", {}), stage: record["node_id"]}
     text = json.dumps(record, indent=1) + "\n"
@@ -143,7 +151,21 @@ def trained_on(run_dir: Path) -> str:
     return read_node_record(run_dir).get("node_id", "")
 
 
+def settled_before(spec: RunSpec, root) -> bool:
+    """A run of the task that finished, or failed on bad input, before this worker started (a restart after a
+    crash or a lost node): it is not trained again. With an s3 root its folder is brought from the bucket."""
+    rel = root.relative(spec.run_dir)
+    if root.remote and read_done(spec.run_dir) is None and not root.pull(rel, marker=DONE):
+        root.pull_file(f"{rel}/{FAILED}")
+    done = read_done(spec.run_dir)
+    if done is not None:
+        return done["config_hash"] == spec.config_hash()
+    return failure_hash(spec.run_dir) == spec.config_hash()
+
+
 def train_loop_per_worker(config: dict) -> None:
+    import time
+
     from personalize.loop import run_method
     from pipelines.storage import StorageRoot
 
@@ -154,6 +176,9 @@ def train_loop_per_worker(config: dict) -> None:
     trial, scorers = task.trial, _scorers(task.trial)
     trial_tracker = _trial_tracker(task)
     for position, spec in enumerate(task.specs):
+        if settled_before(spec, root):
+            continue
+        began = time.perf_counter()
         restore_from_ray(spec)
         tracker = trial_tracker or _run_tracker(task, spec)
         if trial_tracker is not None and len(task.specs) > 1:
@@ -171,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise
             continue
         if main:
-            write_node_record(spec.run_dir)
+            write_node_record(spec.run_dir, seconds=time.perf_counter() - began)
             root.push(root.relative(spec.run_dir), marker=DONE)  # an s3 root gets the finished folder, marker last
         if tracker is not None and trial_tracker is None:
             tracker.finish(spec.run_dir, "FINISHED")

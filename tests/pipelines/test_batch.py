@@ -224,7 +224,7 @@ def test_a_fault_mid_run_resumes_from_the_last_stage_checkpoint(tracked, tiny_mo
         a, b = load_file(str(clean / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     ray_runs = list((tmp_path / "store" / "ray").iterdir())
-    assert any((r / "ball--stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept and restored
+    assert any((r / "ball--rare_two_stage_lora--stage-00-token").is_dir() for r in ray_runs)  # the stage checkpoint Ray kept and restored
     assert set(json.loads((resumed / "DONE.json").read_text())["stages"]) == {"token", "model"}
 
 
@@ -261,3 +261,29 @@ def test_a_run_folder_of_another_configuration_fails_that_run_and_is_kept(tracke
     assert list(ball["status"]) == ["failed", "failed"]
     assert all("holds a run of a different configuration" in r for r in ball["reason"]), list(ball["reason"])
     assert {m: (runs / m / "DONE.json").read_text() for m in done} == done
+
+
+def test_a_pack_trains_its_runs_in_one_train_run_and_a_crash_fails_only_its_run(local_ray, tiny_model, tiny_scorers,
+                                                                                tmp_path, monkeypatch):
+    """Three runs packed into one Train run; the middle one crashes every time. The first is finished once and
+    kept, the crashing one fails with its error after its restarts, the third (never reached by the pack) is
+    queued again on its own and finishes."""
+    concepts = [{"id": name, "images": str(draw_concept(tmp_path / name, n=2)), "super_category": "ball"}
+                for name in ("first", "crashing", "third")]
+    monkeypatch.setenv("PERSONALIZE_INJECT_CRASH", "crashing:embedding:1")
+    config = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", concepts, methods=["textual_inversion"],
+                        method_overrides={"textual_inversion": {"stages.embedding.steps": 3, "stages.embedding.batch_size": 1}},
+                        evaluation=None, resources={"max_concurrent_runs": 1, "runs_per_trainer": 3, "max_failures": 1})
+    assert main([config]) == 0
+    frame = pd.read_parquet(tmp_path / "store" / "results" / "results.parquet").set_index("concept")
+    assert dict(frame["status"]) == {"first": "finished", "crashing": "failed", "third": "finished"}
+    assert "injected crash of crashing at embedding step 1" in frame.loc["crashing", "reason"]
+    runs = tmp_path / "store" / "runs"
+    losses = pd.read_csv(runs / "first" / "textual_inversion" / "losses.csv")
+    assert list(losses[losses["metric"] == "train/embedding/loss"]["step"]) == [0, 1, 2]  # trained once: the pack's restart skipped the finished run
+    record = json.loads((runs / "first" / "textual_inversion" / "node.json").read_text())
+    assert record["seconds"] > 0 and frame.loc["first", "train_seconds"] == pytest.approx(record["seconds"], abs=0.01)
+    ray_runs = sorted(p.name for p in (tmp_path / "store" / "ray").iterdir() if p.is_dir())
+    assert any(name.startswith("first--textual_inversion--and-2-more--") for name in ray_runs), ray_runs
+    assert any(name.startswith("crashing--textual_inversion--") and "more" not in name for name in ray_runs), ray_runs
+    assert any(name.startswith("third--textual_inversion--") for name in ray_runs), ray_runs

@@ -225,3 +225,40 @@ def test_a_sweep_on_s3_stores_its_time_out_notes_and_removes_stopped_trials_from
     driver.remove_tree("ray/sweep-t1")
     stored = {key for key, _ in storage.list_keys("s3://personalize/sweeps-root")}
     assert stored == {f"trials/t1/{TIMED_OUT}", "trials/t2/runs/blob/ti/DONE.json"}
+
+
+def test_a_restarted_worker_skips_the_runs_its_pack_settled_in_the_bucket(seaweedfs, tiny_model, tmp_path, monkeypatch):
+    """A pack restarted on another node sees only the bucket: a run finished there comes down whole and is not
+    trained again, a run failed on bad input stays failed, and a failure of another configuration does not count."""
+    import json
+
+    from personalize.config import resolve_runs
+    from personalize.run_settings import ExperimentConfig
+    from pipelines.storage import StorageRoot
+    from pipelines.worker import settled_before
+
+    def specs_on(root: StorageRoot):
+        images = draw_concept(tmp_path / "photos", n=2)
+        return resolve_runs(ExperimentConfig.model_validate({
+            "model": str(tiny_model), "method": "textual_inversion", "output_dir": str(root.local("runs")),
+            "concepts": [{"id": name, "images": str(images), "super_category": "ball"}
+                         for name in ("finished", "bad", "other", "fresh")]}))
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "lost-node"))
+    lost = StorageRoot("s3://personalize/packs/store")
+    finished, bad, other, _ = specs_on(lost)
+    finished.run_dir.mkdir(parents=True)
+    (finished.run_dir / "learned_embeds.safetensors").write_bytes(b"weights")
+    (finished.run_dir / "DONE.json").write_text(json.dumps({"config_hash": finished.config_hash(), "stages": {}}))
+    lost.push(lost.relative(finished.run_dir), marker="DONE.json")
+    for spec, digest in ((bad, bad.config_hash()), (other, "0123456789abcdef")):
+        spec.run_dir.mkdir(parents=True)
+        (spec.run_dir / "FAILED.json").write_text(json.dumps({"reason": "no images", "config_hash": digest}))
+        lost.push_file(f"{lost.relative(spec.run_dir)}/FAILED.json")
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "new-node"))
+    here = StorageRoot("s3://personalize/packs/store")
+    assert here.local_root != lost.local_root
+    specs = specs_on(here)
+    assert [settled_before(spec, here) for spec in specs] == [True, True, False, False]
+    assert (specs[0].run_dir / "learned_embeds.safetensors").read_bytes() == b"weights"
