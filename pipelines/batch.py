@@ -1,6 +1,6 @@
 """`personalize batch CONFIG [overrides]` (also `python -m pipelines.batch`): the product's main job.
 
-prepare (Ray Data: validate images, encode latents, class priors) -> train (Ray Train, one TorchTrainer per
+prepare (Ray Data: validate images, encode latents, class priors) -> train (Ray Train, one Train run per
 pack of concept x method runs) -> evaluate (Ray Data: actors that sample and score each run) -> results table.
 
 Without a cluster it starts a local Ray in-process; under `ray job submit` (or with RAY_ADDRESS) it joins the

@@ -48,6 +48,8 @@ def connect(num_cpus: int | None = None) -> str:
         ray.init(runtime_env=env, log_to_driver=verbose(), logging_level=level)
         return f"joined the cluster at {os.environ.get('RAY_ADDRESS', 'the job cluster')}"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every Ray listener on 127.0.0.1
+    # no node of a local Ray is preempted: Ray Train's watcher for that would be a process per run for nothing
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not verbose():  # a local Ray turns on token authentication (kept) and says so each time (not shown)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     cpus = num_cpus or max(4, os.cpu_count() or 2)  # logical CPUs: drivers and actors mostly wait

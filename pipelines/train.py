@@ -1,4 +1,4 @@
-"""A batch on Ray Train: one TorchTrainer per pack of (concept, method) runs, around the shared worker entry
+"""A batch on Ray Train: one Ray Train run per pack of (concept, method) runs, around the shared worker entry
 (pipelines/worker.py).
 
 A pack's runs train one after the other in the same Train worker, so Ray's start of a controller and a worker
@@ -21,13 +21,13 @@ import threading
 import time
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from personalize.outcome import RunOutcome
 from personalize.run_folder import FAILED, failure_hash, failure_reason, read_done, stage_seconds
 from personalize.run_settings import RunSpec
 from pipelines.progress import Progress
 from pipelines.redaction import redact
+from pipelines.trainer import make_trainer
 from pipelines.worker import WorkerTask, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,9 @@ def fit_pack(pack: list[RunSpec], name: str, scaling: dict, storage: str, max_fa
 
     storage_path, filesystem = StorageRoot(storage).ray_storage()
     task = WorkerTask(specs=pack, storage=storage, tracking=tracking)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"task": task.model_dump_json()},
-        scaling_config=ScalingConfig(**scaling),
-        run_config=RunConfig(
+    trainer = make_trainer(
+        train_loop_per_worker, {"task": task.model_dump_json()}, ScalingConfig(**scaling),
+        RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),

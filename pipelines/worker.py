@@ -128,7 +128,8 @@ def read_node_record(folder: Path) -> dict:
 def write_node_record(run_dir: Path, stage: str | None = None, checkpoint: Path | None = None,
                       seconds: float | None = None) -> None:
     """Where the run trained, in its folder's node.json: the node this process runs on (id, address, host name;
-    at the end, the node that finished the run and the seconds the worker spent on it) and, by stage, the node
+    at the end, the node that finished the run, the seconds its worker spent on it and the workers that trained it
+    data-parallel) and, by stage, the node
     that trained it. The record travels in each stage checkpoint too, so a run resumed on another node keeps where
     its earlier stages trained."""
     import socket
@@ -137,7 +138,9 @@ def write_node_record(run_dir: Path, stage: str | None = None, checkpoint: Path 
     record.update(node_id=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address(),
                   hostname=socket.gethostname())
     if seconds is not None:
-        record["seconds"] = round(seconds, 2)
+        from personalize.distributed import world
+
+        record.update(seconds=round(seconds, 2), workers=world()[1])
     if stage is not None:
         record["stages"] = {**record.get("stages", {}), stage: record["node_id"]}
     text = json.dumps(record, indent=1) + "\n"

@@ -1,5 +1,5 @@
 """One Tune trial: the sampled overrides applied to the batch's runs of the tuned method, trained by a Ray Train
-TorchTrainer inside the trial around the shared worker entry (pipelines/worker.py), which reports a cheap
+run inside the trial around the shared worker entry (pipelines/worker.py), which reports a cheap
 evaluation at every stage boundary of every concept (so ASHA can stop weak trials between stages) and the full
 evaluation last."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
-from ray.train.torch import TorchTrainer
 
 from personalize.run_settings import RunSpec
+from pipelines.trainer import make_trainer
 from tuning.config import TrialSettings
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def fit_and_forward(trainer_for, watchdog: Watchdog | None = None, poll_s: float
 
 
 def trial(config: dict) -> None:
-    """The Tune trainable: a TorchTrainer for this trial's overrides, guarded by its watchdog."""
+    """The Tune trainable: a Ray Train run for this trial's overrides, guarded by its watchdog."""
     from pipelines.storage import StorageRoot
     from pipelines.worker import TrialEvaluation, WorkerTask, train_loop_per_worker
 
@@ -127,14 +127,12 @@ def trial(config: dict) -> None:
         trial_id=trial_id, stage_eval=settings.stage_eval, final_eval=settings.final_eval,
         stage_eval_prompts=settings.stage_eval_prompts, weights=settings.weights, overrides=overrides))
 
-    def trainer_for(callback: UserCallback) -> TorchTrainer:
-        return TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"task": task.model_dump_json()},
-            scaling_config=ScalingConfig(**settings.scaling),
-            run_config=RunConfig(name=f"{settings.name}-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[callback],
-                                 worker_runtime_env={"env_vars": settings.env}),
+    def trainer_for(callback: UserCallback):
+        return make_trainer(
+            train_loop_per_worker, {"task": task.model_dump_json()}, ScalingConfig(**settings.scaling),
+            RunConfig(name=f"{settings.name}-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
+                      checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[callback],
+                      worker_runtime_env={"env_vars": settings.env}),
         )
 
     try:

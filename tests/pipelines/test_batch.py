@@ -287,3 +287,29 @@ def test_a_pack_trains_its_runs_in_one_train_run_and_a_crash_fails_only_its_run(
     assert any(name.startswith("first--textual_inversion--and-2-more--") for name in ray_runs), ray_runs
     assert any(name.startswith("crashing--textual_inversion--") and "more" not in name for name in ray_runs), ray_runs
     assert any(name.startswith("third--textual_inversion--") for name in ray_runs), ray_runs
+
+    import ray
+    from ray.util.state import list_actors
+
+    # what a run does not use is not started: no Ray Data shard manager, no preemption watcher on a local Ray
+    actors = {a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10000, detail=False)}
+    assert "TrainController" in actors and not actors & {"DatasetManager", "PreemptionWatcher"}, actors
+
+
+def test_a_run_on_two_workers_trains_data_parallel(local_ray, tiny_model, tmp_path):
+    """Several workers a run get the torch backend's process group: both ranks train, gradients are averaged
+    (personalize/distributed.py), rank 0 writes the run."""
+    from personalize.config import resolve_runs
+    from personalize.run_settings import ExperimentConfig
+    from pipelines.train import train_runs
+
+    spec, = resolve_runs(ExperimentConfig.model_validate({
+        "model": str(tiny_model), "method": "textual_inversion", "output_dir": str(tmp_path / "store" / "runs"),
+        "resolution": 64, "latent_variants": 1, "samples": {"steps": 1, "seeds": [0], "heatmaps": False},
+        "overrides": {"stages.embedding.steps": 2, "stages.embedding.batch_size": 1},
+        "concepts": [{"id": "ball", "images": str(draw_concept(tmp_path / "ball", n=2)), "super_category": "ball"}]}))
+    scaling = {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}}
+    outcome, = train_runs([spec], scaling, str(tmp_path / "store"), concurrency=1, max_failures=0, env={})
+    assert outcome.status == "finished", outcome.reason
+    assert json.loads((spec.run_dir / "node.json").read_text())["workers"] == 2  # the process group both ranks joined
+    assert (spec.run_dir / "learned_embeds.safetensors").is_file()
