@@ -43,6 +43,8 @@ def pack_size(runs: int, concurrency: int, limit: int | None = None) -> int:
     once (at most MAX_PACK), then evened out so that the last wave is as full as the others."""
     if limit:
         return limit
+    if runs == 0:
+        return 1
     waves = math.ceil(runs / (concurrency * MAX_PACK))
     return max(1, math.ceil(runs / (concurrency * waves)))
 

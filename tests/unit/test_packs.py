@@ -7,7 +7,7 @@ from tests.conftest import draw_concept
 
 
 @pytest.mark.parametrize(("runs", "concurrency", "limit", "size"), [
-    (1, 1, None, 1), (4, 2, None, 2), (20, 3, None, 7), (5, 8, None, 1), (2000, 64, None, MAX_PACK),
+    (0, 3, None, 1), (1, 1, None, 1), (4, 2, None, 2), (20, 3, None, 7), (5, 8, None, 1), (2000, 64, None, MAX_PACK),
     (100, 64, None, 2), (130, 64, None, 3), (17, 2, None, 5), (20, 3, 1, 1), (20, 3, 12, 12)])
 def test_pack_size_fills_every_slot_with_evenly_sized_packs(runs, concurrency, limit, size):
     assert pack_size(runs, concurrency, limit) == size
