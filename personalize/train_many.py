@@ -6,16 +6,16 @@ import logging
 import traceback
 
 from personalize.errors import ConceptError, PersonalizeError, RunStateError
-from personalize.loop import run_method
 from personalize.outcome import RunOutcome
 from personalize.run_settings import RunSpec
+from personalize.runners import runner_for
 
 log = logging.getLogger(__name__)
 
 
 def train_one(spec: RunSpec, resume: bool = True, sink=None, progress: bool = True) -> RunOutcome:
     try:
-        return run_method(spec, sink=sink, progress=progress, resume=resume)
+        return runner_for(spec.method.name)(spec, sink=sink, progress=progress, resume=resume)
     except (ConceptError, RunStateError) as e:
         log.error("%s", e)
         return RunOutcome(spec, "failed", str(e))

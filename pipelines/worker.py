@@ -169,7 +169,7 @@ def settled_before(spec: RunSpec, root) -> bool:
 def train_loop_per_worker(config: dict) -> None:
     import time
 
-    from personalize.loop import run_method
+    from personalize.runners import runner_for
     from pipelines.storage import StorageRoot
 
     load_plugins()  # a method's own registered functions, before its specs are read
@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
             trial_tracker.prefix = f"{spec.concept.id}/"
         reports = StageReports(spec, tracker, trial, scorers, position)
         try:
-            run_method(spec, sink=reports, progress=False, on_stage_end=reports.measure, resume=True)
+            runner_for(spec.method.name)(spec, sink=reports, progress=False, on_stage_end=reports.measure, resume=True)
         except BAD_INPUT as e:
             if main:
                 write_failed(spec.run_dir, str(e), spec.config_hash())

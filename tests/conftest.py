@@ -38,6 +38,7 @@ RAY_MODULES = {
     "tests/pipelines/test_cluster.py",
     "tests/pipelines/test_multinode.py",
     "tests/pipelines/test_preflight_storage.py",
+    "tests/pipelines/test_scale.py",
     "tests/pipelines/test_storage.py",
     "tests/tuning/test_sweep.py",
     "tests/unit/test_quiet_terminal.py",

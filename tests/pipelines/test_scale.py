@@ -1,0 +1,58 @@
+"""A hundred runs through the real driver: 50 concepts x the 2 rehearsal methods (pipelines/rehearsal.py: no
+model is trained, each step sleeps), through Ray Data's preparation, packs of runs on Ray Train, the results table
+and MLflow tracking. bench/batch_scale.py runs the same at 1,000 concepts."""
+
+import json
+import math
+
+import mlflow
+import pandas as pd
+
+from personalize.synthetic import SyntheticConcept, write_concepts
+from pipelines.batch import main
+from pipelines.rehearsal import METHODS, STEP_VARIABLE, write_methods
+from pipelines.train import pack_size
+from tests.pipelines.conftest import batch_file
+
+CONCEPTS = 50
+CONCURRENT = 3
+
+
+def test_a_hundred_rehearsed_runs_are_trained_tracked_and_tabled(local_ray, tiny_model, tiny_scorers, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_PLUGINS", "pipelines.rehearsal")
+    monkeypatch.setenv(STEP_VARIABLE, "0.005")
+    drawn = [SyntheticConcept(f"c{i:02d}", "toy", "object", (5 * i, 120, 200 - 3 * i), (250, 250, 250), "ellipse")
+             for i in range(CONCEPTS)]
+    manifest = write_concepts(tmp_path / "concepts", drawn, photos=2, size=64)
+    methods = write_methods(tmp_path / "methods")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = batch_file(tmp_path, tiny_model, tiny_scorers, tmp_path / "store", str(manifest),
+                        methods=[str(m) for m in methods], method_overrides={}, evaluation=None,
+                        tracking={"enabled": True, "uri": uri, "experiment": "rehearsal", "register_models": False},
+                        resources={"max_concurrent_runs": CONCURRENT})
+    assert main([config]) == 0
+
+    frame = pd.read_parquet(tmp_path / "store" / "results" / "results.parquet")
+    runs = CONCEPTS * len(METHODS)
+    assert len(frame) == runs and set(frame["status"]) == {"finished"} and frame["node"].str.len().gt(0).all()
+    assert sorted(set(frame["method"])) == sorted(METHODS)
+    size = pack_size(runs, CONCURRENT)
+    assert size > 1
+    ray_runs = [p for p in (tmp_path / "store" / "ray").iterdir() if p.is_dir()]
+    assert len(ray_runs) == math.ceil(runs / size)  # one Ray Train run a pack
+
+    for row in frame.itertuples():
+        stages = METHODS[row.method]
+        done = json.loads((tmp_path / "store" / "runs" / row.concept / row.method / "DONE.json").read_text())
+        assert done["rehearsal"] is True and set(done["stages"]) == {name for name, _ in stages}
+        assert set(json.loads(row.stage_seconds)) == {name for name, _ in stages}
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("rehearsal")
+    children = client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''", max_results=1000)
+    assert len(children) == runs and {r.info.status for r in children} == {"FINISHED"}
+    two_stage = next(r for r in children if r.data.tags["method"] == "rehearsal_two_stage")
+    assert two_stage.data.params["method.stages.model.steps"] == "20"
+    history = client.get_metric_history(two_stage.info.run_id, "train/model/loss")
+    assert [m.step for m in history] == list(range(10, 30))  # the second stage's steps follow the first's
+    assert {"stage_seconds/token", "stage_seconds/model"} <= set(two_stage.data.metrics)
