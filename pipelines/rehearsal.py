@@ -82,7 +82,7 @@ def rehearse(spec: RunSpec, sink=None, progress: bool = False, on_stage_end=None
         offset += stage.steps
     if main:
         save_file({"rehearsal": torch.zeros(4)}, str(run_dir / LEARNED))
-        run_folder.write_done(run_dir, config_hash, [LEARNED], rehearsal=True)
+        run_folder.write_done(run_dir, config_hash, [LEARNED], rehearsal_step_seconds=step_seconds)
     return RunOutcome(spec, "finished", seconds=sum(seconds.values()), stage_seconds=seconds, outputs=[LEARNED])
 
 
