@@ -39,15 +39,15 @@ def filtered_stderr(pattern: re.Pattern[bytes] = RAY_ACTOR_ARGUMENTS_NOTICE) -> 
     def pump() -> None:
         open_terminal = True
         while chunk := os.read(read_end, 65536):
-            if _DRAINED in chunk:
-                chunk = chunk.replace(_DRAINED, b"")
-                drained.set()
-            chunk = drop_known_lines(chunk, pattern)
+            reached_end = _DRAINED in chunk
+            chunk = drop_known_lines(chunk.replace(_DRAINED, b""), pattern)
             while open_terminal and chunk:
                 try:
                     chunk = chunk[os.write(terminal, chunk):]
                 except OSError:  # the reader is gone (a closed pipe or terminal): keep draining, so writers never block
                     open_terminal = False
+            if reached_end:  # only once what came before the marker is written out
+                drained.set()
         os.close(read_end)
         os.close(terminal)
 

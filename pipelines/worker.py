@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from pydantic import Field
+from pydantic import Field, model_validator
 from ray.train import Checkpoint
 
 from personalize.errors import ConceptError, ConfigError, RunStateError
@@ -28,6 +28,7 @@ from personalize.validation import objective  # the weighted sum a scheduler ran
 
 log = logging.getLogger(__name__)
 NODE_RECORD = "node.json"  # where a run trained: written by Ray Train workers only
+STAGE_IMAGES = "stage_images"  # in a stage checkpoint: the run folder's stage pictures up to that stage
 BAD_INPUT = (ConceptError, ConfigError, RunStateError)
 
 
@@ -47,10 +48,42 @@ class WorkerTask(Strict):
     storage: str
     tracking: dict | None = None  # RunTracker settings; None: no MLflow
     trial: TrialEvaluation | None = None  # set for a sweep's trial
+    # the driver's local folder of the storage root: its specs' folders lie under it, on the driver's machine
+    driver_root: str = ""
+
+    @model_validator(mode="after")
+    def _driver_root(self) -> WorkerTask:
+        if not self.driver_root:
+            from pipelines.storage import StorageRoot
+
+            self.driver_root = str(StorageRoot(self.storage).local_root)
+        return self
+
+
+def on_this_node(spec: RunSpec, root, driver_root: str) -> RunSpec:
+    """The run with its folders in this node's mirror of an s3 root instead of the driver's: on another machine
+    (or under another home folder) the driver's folders are not the ones this node uploads from."""
+    if not root.remote or Path(driver_root) == root.local_root:
+        return spec
+    moved = {}
+    for field in ("output_dir", "prior_cache_dir", "latent_cache_dir"):
+        folder = getattr(spec, field)
+        if folder is not None and Path(folder).is_relative_to(driver_root):
+            moved[field] = str(root.local_root / Path(folder).relative_to(driver_root))
+    return spec.model_copy(update=moved)
 
 
 def run_prefix(spec: RunSpec) -> str:
     return f"{spec.concept.id}--{spec.method.name}--"
+
+
+def carry_stage_images(run_dir: Path, checkpoint: Path) -> None:
+    """The stage images written so far (samples/stage-*, attention/stage-*) into the stage checkpoint, so that a
+    run resumed on another node from Ray's copy has its earlier stages' pictures too."""
+    for sub in ("samples", "attention"):
+        for image in sorted((run_dir / sub).glob("stage-*.png")):
+            (checkpoint / STAGE_IMAGES / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, checkpoint / STAGE_IMAGES / sub / image.name)
 
 
 def checkpoint_name(spec: RunSpec, folder: Path) -> str:
@@ -63,16 +96,19 @@ def restore_from_ray(spec: RunSpec) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
+    found = Path(checkpoint.path).name  # a copy from s3 comes down into a temporary folder of another name
+    if not found.startswith(run_prefix(spec)):
+        return
+    target = spec.run_dir / "checkpoints" / found.removeprefix(run_prefix(spec))
+    if (target / "cursor.json").is_file():
+        return
     with checkpoint.as_directory() as source:
-        found = Path(source).name
-        if not found.startswith(run_prefix(spec)):
-            return
-        target = spec.run_dir / "checkpoints" / found.removeprefix(run_prefix(spec))
-        if not (target / "cursor.json").is_file():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-            if (target / NODE_RECORD).is_file():  # where the stages before it trained
-                shutil.copy(target / NODE_RECORD, spec.run_dir / NODE_RECORD)
-            log.info("restored %s from the Ray checkpoint", target)
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    if (target / NODE_RECORD).is_file():  # where the stages before it trained
+        shutil.copy(target / NODE_RECORD, spec.run_dir / NODE_RECORD)
+    if (target / STAGE_IMAGES).is_dir():  # the sample grids and attention maps of the stages before it
+        shutil.copytree(target / STAGE_IMAGES, spec.run_dir, dirs_exist_ok=True)
+    log.info("restored %s from the Ray checkpoint", target)
 
 
 class StageReports:
@@ -112,6 +148,7 @@ class StageReports:
         metrics = {**self.measured, "stage_index": index, f"stage_seconds/{stage.name}": seconds}
         if ray.train.get_context().get_world_rank() == 0:
             write_node_record(self.spec.run_dir, stage.name, checkpoint)
+            carry_stage_images(self.spec.run_dir, checkpoint)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)),
                              checkpoint_dir_name=checkpoint_name(self.spec, checkpoint))
         else:
@@ -175,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
     load_plugins()  # a method's own registered functions, before its specs are read
     task = WorkerTask.model_validate_json(config["task"])
     root = StorageRoot(task.storage)
+    task = task.model_copy(update={"specs": [on_this_node(spec, root, task.driver_root) for spec in task.specs]})
     main = ray.train.get_context().get_world_rank() == 0
     trial, scorers = task.trial, _scorers(task.trial)
     trial_tracker = _trial_tracker(task)
