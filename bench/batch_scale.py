@@ -126,7 +126,6 @@ def main() -> None:
     table = pd.DataFrame(rows)
     steps = sum(s for stages in METHODS.values() for _, s in stages)
     sleep = steps * args.step_seconds / len(METHODS)
-    table["overhead_s_per_run"] = (table["seconds"] * min(args.concurrent, args.cpus) / table["runs"] - sleep).round(2)
     print(f"\nrehearsal batches ({len(METHODS)} methods, {sleep:.2f} s of simulated steps a run on average), a Ray head "
           f"of {args.cpus} logical CPUs, at most {args.concurrent} concurrent runs, MLflow server on loopback:")
     print(table.to_string(index=False))
