@@ -168,8 +168,9 @@ def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion pipeline (diffusers format)")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["sd15", "sd21"], default="sd15",
-                   help="sd21: SD 2.x's layout (heads per block, linear projections, '!' padding, v-prediction)")
+    p.add_argument("--arch", choices=["sd15", "sd21", "sdxl"], default="sd15",
+                   help="sd21: SD 2.x's layout (heads per block, linear projections, '!' padding, v-prediction); "
+                        "sdxl: SDXL's (two text encoders, pooled text and time ids, no attention in the first level)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("methods", help="print every method's stage table")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from personalize.step_record import ContextRecord, StepRecord
+from personalize.text_conditioning import encode_prompts
 from personalize.tokens import context_positions, find_roles, tokenize
 
 
@@ -33,14 +34,14 @@ def context_forward(engine: Any, rec: StepRecord, noisy: torch.Tensor, timesteps
     reference_keep = context_positions(ids[1], start, 1, eos)
     if len(target_keep) != len(reference_keep):
         raise ValueError(f"context prompts do not align: {target_prompt!r} vs {reference_prompt!r}")
-    target_embeds = comps.text_encoder(ids[:1].to(ctx.device))[0]
+    target = encode_prompts(comps, [target_prompt], ctx.device)
     with torch.no_grad():
-        reference_embeds = comps.text_encoder(ids[1:].to(ctx.device))[0]
-    record = ContextRecord(target_prompt, reference_prompt, target_embeds, reference_embeds,
+        reference = encode_prompts(comps, [reference_prompt], ctx.device)
+    record = ContextRecord(target_prompt, reference_prompt, target.hidden, reference.hidden,
                            target_keep.to(ctx.device), reference_keep.to(ctx.device))
     if engine.needs.context_capture is not None:
         batch = noisy.shape[0]
         with torch.no_grad():
-            _, record.reference_maps = engine.unet(noisy, timesteps, reference_embeds.expand(batch, -1, -1), engine.needs.context_capture)
-        _, record.target_maps = engine.unet(noisy, timesteps, target_embeds.expand(batch, -1, -1), engine.needs.context_capture)
+            _, record.reference_maps = engine.unet(noisy, timesteps, reference.expand(batch), engine.needs.context_capture)
+        _, record.target_maps = engine.unet(noisy, timesteps, target.expand(batch), engine.needs.context_capture)
     rec.context = record

@@ -73,14 +73,14 @@ class RunSampler:
 
         if not tto:
             return sample(rows)
-        from personalize.tokens import restore_rows
+        from personalize.tokens import restore_joined_rows
         from personalize.tto import optimize_for_prompt
 
         images = []
         for template in dict.fromkeys(r.template for r in rows):
             optimize_for_prompt(self.run, template, progress=False)
             images += sample([r for r in rows if r.template == template])
-        restore_rows(self.run.components.text_encoder, self.run.trained_rows)
+        restore_joined_rows(self.run.components, self.run.trained_rows)
         return images
 
 
@@ -103,7 +103,7 @@ def sample_base_model(spec: RunSpec, rows: list[EvalRow], sampling: dict, batch_
     from personalize.sampling import build_pipeline
 
     components = load_components(spec.model)
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in (components.vae, *components.models.values()):
         module.to(device).eval()
     return generate(build_pipeline(components, sampling["scheduler"]), [r.prompt for r in rows], [r.seed for r in rows],
                     spec.resolution, sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)

@@ -1,8 +1,10 @@
 """Run outputs in formats other tools load: diffusers and A1111/ComfyUI embeddings, UNet weights.
 
   learned_embeds.safetensors       {token: (vectors, D)} per subject (diffusers `load_textual_inversion`)
+  learned_embeds_2.safetensors     SDXL: the same for the second text encoder (as diffusers' SDXL scripts write it)
   learned_embeds-<k>.safetensors   one file per subject when a concept has several (DisenDiff)
-  <concept>.a1111.safetensors      {"emb_params": (vectors, D)} (A1111 / ComfyUI embeddings folder)
+  <concept>.a1111.safetensors      {"emb_params": (vectors, D)}; SDXL: {"clip_l": ..., "clip_g": ...} (A1111 / ComfyUI
+                                   embeddings folder)
   unet.safetensors                 only the UNet parameters some stage trained, by state-dict name
   pytorch_lora_weights.safetensors LoRA adapters, diffusers layout (`pipe.load_lora_weights(run_dir)`)
   <concept>.lora.safetensors       the same adapters, kohya layout (A1111 / Forge / ComfyUI loras folder)
@@ -20,25 +22,33 @@ from safetensors.torch import load_file, save_file
 from personalize.tokens import Placeholders
 
 EMBEDS = "learned_embeds.safetensors"
+SECOND_ENCODER = "_2"  # learned_embeds_2*.safetensors: SDXL's second text encoder's rows
 UNET = "unet.safetensors"
 LORA = "pytorch_lora_weights.safetensors"
 PLACEHOLDERS = "placeholders.json"
 
 
-def save_embeddings(run_dir: Path, concept_id: str, rows: dict[str, torch.Tensor]) -> list[Path]:
+def save_embeddings(run_dir: Path, concept_id: str, rows: dict[str, torch.Tensor], widths: list[int] | None = None) -> list[Path]:
+    """Each subject's learned vectors; with two text encoders (`widths` of each, SDXL) a vector is its rows of both
+    joined, and each encoder's part goes to its own file."""
     if not rows:
         return []
-    written = [run_dir / EMBEDS]
-    save_file({k: v.contiguous() for k, v in rows.items()}, str(written[0]))
-    items = list(rows.items())
-    for k, (token, value) in enumerate(items, 1):
-        suffix = "" if len(items) == 1 else f"-{k}"
-        if len(items) > 1:
-            path = run_dir / f"learned_embeds{suffix}.safetensors"
-            save_file({token: value.contiguous()}, str(path))
-            written.append(path)
+    widths = widths or [next(iter(rows.values())).shape[1]]
+    parts = [{k: v[:, sum(widths[:i]) : sum(widths[: i + 1])].contiguous() for k, v in rows.items()} for i in range(len(widths))]
+    written = []
+    for i, part in enumerate(parts):
+        name = "learned_embeds" + (SECOND_ENCODER if i else "")
+        save_file(part, str(run_dir / f"{name}.safetensors"))
+        written.append(run_dir / f"{name}.safetensors")
+        if len(rows) > 1:
+            for k, (token, value) in enumerate(part.items(), 1):
+                save_file({token: value}, str(run_dir / f"{name}-{k}.safetensors"))
+                written.append(run_dir / f"{name}-{k}.safetensors")
+    for k, token in enumerate(rows, 1):
+        suffix = "" if len(rows) == 1 else f"-{k}"
         a1111 = run_dir / f"{concept_id}{suffix}.a1111.safetensors"
-        save_file({"emb_params": value.contiguous()}, str(a1111), metadata={"name": f"{concept_id}{suffix}", "token": token})
+        tensors = {"emb_params": parts[0][token]} if len(parts) == 1 else {"clip_l": parts[0][token], "clip_g": parts[1][token]}
+        save_file(tensors, str(a1111), metadata={"name": f"{concept_id}{suffix}", "token": token})
         written.append(a1111)
     return written
 
@@ -94,5 +104,13 @@ def load_unet_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_embeddings(run_dir: Path) -> dict[str, torch.Tensor]:
+    """{token: vectors}; for SDXL each vector's rows of both text encoders joined."""
     path = Path(run_dir) / EMBEDS
-    return load_file(str(path)) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    rows = load_file(str(path))
+    second = Path(run_dir) / EMBEDS.replace(".safetensors", f"{SECOND_ENCODER}.safetensors")
+    if second.is_file():
+        other = load_file(str(second))
+        rows = {token: torch.cat([value, other[token]], dim=1) for token, value in rows.items()}
+    return rows

@@ -6,8 +6,8 @@
   kohya      <concept>.lora.safetensors (A1111 / Forge / ComfyUI `models/Lora`) and <concept>*.a1111.safetensors
              (their `embeddings` folder)
   a1111      the embeddings only
-  pipeline   a whole diffusers pipeline folder, learned tokens in its tokenizer and text encoder, trained UNet
-             weights and LoRA merged: `StableDiffusionPipeline.from_pretrained(folder)`
+  pipeline   a whole diffusers pipeline folder, learned tokens in its tokenizer(s) and text encoder(s), trained UNet
+             weights and LoRA merged: `StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`)
 
 A run whose UNet training is neither LoRA nor cross-attention only (DreamBooth's whole UNet) has no smaller
 diffusers form than its merged pipeline; the diffusers export says so and points at `--format pipeline`.
@@ -20,10 +20,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from personalize.errors import RunStateError
-from personalize.export import EMBEDS, LORA, load_unet_weights
+from personalize.export import LORA, load_unet_weights
 
 FORMATS = ("diffusers", "kohya", "a1111", "pipeline")
 CUSTOM_DIFFUSION = "pytorch_custom_diffusion_weights.safetensors"
@@ -87,11 +87,19 @@ def custom_diffusion_layers(unet_weights: dict[str, torch.Tensor], processors: l
 
 def _diffusers(run_dir: Path, concept_id: str, out: Path) -> list[Path]:
     written = _copy(run_dir, _embedding_files(run_dir, "learned_embeds*.safetensors"), out)
+    sdxl = (run_dir / "learned_embeds_2.safetensors").is_file()
     steps = []
     for path in written:
-        if path.name == EMBEDS and len(written) > 1:
+        per_subject = [p for p in written if p.name.startswith(path.name.removesuffix(".safetensors") + "-")]
+        if per_subject:
             continue  # the per-subject files hold the same rows
-        steps.append(f'pipe.load_textual_inversion("{path.name}")')
+        if not sdxl:
+            steps.append(f'pipe.load_textual_inversion("{path.name}")')
+            continue
+        second = "_2" in path.name  # SDXL: each encoder's rows go to that encoder, under the same token
+        encoder = "pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" if second else "pipe.text_encoder, tokenizer=pipe.tokenizer"
+        token = next(iter(load_file(str(path))))
+        steps.append(f'pipe.load_textual_inversion("{path.name}", token="{token}", text_encoder={encoder})')
     unet = load_unet_weights(run_dir)
     if unet:
         layers = custom_diffusion_layers(unet, _attention_processors(run_dir))
@@ -107,9 +115,10 @@ def _diffusers(run_dir: Path, concept_id: str, out: Path) -> list[Path]:
         steps.append(f'pipe.load_lora_weights(".", weight_name="{LORA}")')
     if not steps:
         raise RunStateError(f"{run_dir} learned nothing a diffusers loader takes")
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     guide = out / "LOADING.md"
     guide.write_text("# Loading this export with diffusers\n\nRun from this folder, on the base model the run was trained on:\n\n"
-                     "```python\nfrom diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL)\n"
+                     f"```python\nfrom diffusers import {pipeline}\n\npipe = {pipeline}.from_pretrained(BASE_MODEL)\n"
                      + "\n".join(steps) + "\n```\n")
     return written + [guide]
 
@@ -138,14 +147,15 @@ def _pipeline(run_dir: Path, concept_id: str, out: Path) -> list[Path]:
     run = LoadedRun(run_dir, device="cpu")
     comps = run.components
     pipe = build_pipeline(comps, run.spec.method.evaluation.scheduler)
-    if any(hasattr(m, "peft_config") for m in (comps.unet, comps.text_encoder)):
+    if any(hasattr(m, "peft_config") for m in comps.models.values()):
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-    emb = placeholder_embedding(comps.text_encoder)
-    if emb is not None:  # a plain table with the learned rows appended, as `load_textual_inversion` would leave it
-        table = torch.nn.Embedding(emb.base_vocab + emb.rows.shape[0], emb.rows.shape[1])
-        table.weight.data.copy_(emb.weight.detach())
-        comps.text_encoder.set_input_embeddings(table)
-        comps.text_encoder.config.vocab_size = table.num_embeddings
+    for encoder in comps.text_models.values():
+        emb = placeholder_embedding(encoder)
+        if emb is not None:  # a plain table with the learned rows appended, as `load_textual_inversion` would leave it
+            table = torch.nn.Embedding(emb.base_vocab + emb.rows.shape[0], emb.rows.shape[1])
+            table.weight.data.copy_(emb.weight.detach())
+            encoder.set_input_embeddings(table)
+            encoder.config.vocab_size = table.num_embeddings
     pipe.save_pretrained(out, safe_serialization=True)
     return sorted(p for p in out.rglob("*") if p.is_file())

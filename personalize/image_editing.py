@@ -21,11 +21,21 @@ from personalize.sampling import autocast_if_mixed, build_pipeline
 
 def build_edit_pipeline(components, scheduler: str = "ddim", inpaint: bool = False):
     """An img2img pipeline over the same modules; with `inpaint` and a 4-channel UNet diffusers' inpainting one."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
 
     base = build_pipeline(components, scheduler)
-    cls = StableDiffusionInpaintPipeline if inpaint and components.unet.config.in_channels == 4 else StableDiffusionImg2ImgPipeline
-    pipe = cls(**base.components, requires_safety_checker=False)
+    inpainting = inpaint and components.unet.config.in_channels == 4
+    if components.is_sdxl:
+        cls = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLImg2ImgPipeline
+        pipe = cls(**base.components)
+    else:
+        cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionImg2ImgPipeline
+        pipe = cls(**base.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -57,7 +67,7 @@ def generate_from_image(pipe, prompts: Sequence[str], seeds: Sequence[int], imag
                         mask: Image.Image | None = None, strength: float = 0.75, steps: int = 50,
                         guidance_scale: float = 7.5) -> list[Image.Image]:
     """One image per (prompt, seed) pair, each starting from `image` (and repainting only `mask`'s white part)."""
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}: the share of the steps that repaint the image")
@@ -66,7 +76,7 @@ def generate_from_image(pipe, prompts: Sequence[str], seeds: Sequence[int], imag
     images = []
     for prompt, seed in zip(prompts, seeds):
         extra = {}
-        if isinstance(pipe, StableDiffusionInpaintPipeline):
+        if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
             extra = {"mask_image": mask, "height": resolution, "width": resolution}
         elif mask is not None:
             extra = {"callback_on_step_end": KeepOutsideMask(pipe, init, mask, seed),

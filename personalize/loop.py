@@ -23,7 +23,7 @@ from personalize.attention import attention_hooks
 from personalize.data import generator
 from personalize.distributed import average_gradients, barrier, is_main, world
 from personalize.errors import RunStateError
-from personalize.losses import LOSS_TERMS, combined_needs
+from personalize.losses import LOSS_TERMS, at_model_level, combined_needs
 from personalize.method_spec import StageSpec
 from personalize.optim import lr_at, make_optimizer
 from personalize.outcome import RunOutcome
@@ -79,8 +79,9 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
     if "scaler" in stage_state:
         scaler.load_state_dict(stage_state["scaler"])
     hooks = build_hooks(ctx, stage, {**stage_state, "tensors": hook_tensors})
-    terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in stage.losses.items()}
-    needs = combined_needs(stage.losses)
+    losses = at_model_level(stage.losses, ctx.components.is_sdxl, spec.resolution // ctx.components.vae_scale)
+    terms = {t: (LOSS_TERMS[t], LOSS_TERMS[t].params.model_validate(s.params), s.weight) for t, s in losses.items()}
+    needs = combined_needs(losses)
     capture = needs.capture.merge(needs.context_capture) if needs.capture else needs.context_capture
     prompts = [stage.prompt] if isinstance(stage.prompt, str) else stage.prompt
 
@@ -299,10 +300,11 @@ def validator_for(ctx: RunContext, scorers, resumed_at: int | None) -> Schedule:
 
 def _write_outputs(ctx: RunContext, export) -> list[str]:
     from personalize.sampling import subject_phrase
-    from personalize.tokens import learned_rows
+    from personalize.tokens import learned_vectors, placeholder_embeddings
 
     run_dir = ctx.run_dir
-    written = export.save_embeddings(run_dir, ctx.spec.concept.id, learned_rows(ctx.components.text_encoder, ctx.placeholders))
+    widths = [emb.rows.shape[1] for emb in placeholder_embeddings(ctx.components)]
+    written = export.save_embeddings(run_dir, ctx.spec.concept.id, learned_vectors(ctx.components, ctx.placeholders), widths)
     learned = learned_state(ctx, len(ctx.spec.method.stages) - 1)
     unet = export.save_unet(run_dir, learned)
     written += [unet] if unet else []

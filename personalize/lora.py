@@ -23,6 +23,8 @@ def lora_layout(stages: list[StageSpec]) -> dict[str, tuple[LoraSpec, list[str]]
     for stage in stages:
         for target in stage.lora_targets:
             model = SELECTORS[target][0]
+            if not isinstance(model, str):  # text-encoder LoRA adapts the first encoder (SDXL's second keeps none)
+                model = model[0]
             spec, selectors = layout.get(model, (stage.lora, []))
             layout[model] = (spec, sorted({*selectors, target}))
     return layout

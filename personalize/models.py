@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from personalize.errors import ModelUnavailableError
 
@@ -27,10 +34,31 @@ class SDComponents:
     noise_scheduler: DDPMScheduler
     source: str
     path: Path
+    # SDXL's second tokenizer and text encoder (OpenCLIP bigG as diffusers holds it); None for SD 1.x / 2.x
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_models(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by the name their parameters are selected under."""
+        return {"text_encoder": self.text_encoder, **({"text_encoder_2": self.text_encoder_2} if self.is_sdxl else {})}
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        """What a stage may train: the UNet and the text encoders."""
+        return {"unet": self.unet, **self.text_models}
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +128,12 @@ def load_components(model: str, cache_dir: str | None = None) -> SDComponents:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         tokenizer.model_max_length = 77
         fp32 = {"torch_dtype": torch.float32}  # weights may be stored in fp16; training and placement start from fp32
+        second = {}
+        if (path / "text_encoder_2").is_dir():  # SDXL
+            second = {"tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                      "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                                    dtype=torch.float32)}
+            second["tokenizer_2"].model_max_length = 77
         return SDComponents(
             tokenizer=tokenizer,
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32),
@@ -108,6 +142,7 @@ def load_components(model: str, cache_dir: str | None = None) -> SDComponents:
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             source=model,
             path=path,
+            **second,
         )
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ModelUnavailableError(model, f"loading from {path} failed ({e})", "Check that it is a diffusers pipeline folder.") from None
@@ -147,7 +182,9 @@ def clip_tokenizer(directory: str | Path | None = None, pad_token: str = "<|endo
 class TinyArch:
     """Sizes of a small SD-shaped model: the VAE downsamples x4 (64 px -> 16x16 latents); cross-attention at
     16x16 and 8x8 plus the mid block, with SD's module names. The SD 2.x fields give its layout: heads per block
-    (2.1: 5/10/20/20), linear projections in the transformer blocks, OpenCLIP's gelu, "!" padding, v-prediction."""
+    (2.1: 5/10/20/20), linear projections in the transformer blocks, OpenCLIP's gelu, "!" padding, v-prediction.
+    The SDXL fields: a second text encoder (with a projection, its pooled output conditions the UNet with the
+    added time ids), no attention in the first level, several transformer layers per block deeper down."""
 
     unet_channels: tuple[int, ...] = (32, 64)
     unet_heads: int | tuple[int, ...] = 4
@@ -160,29 +197,43 @@ class TinyArch:
     text_act: str = "quick_gelu"
     pad_token: str = "<|endoftext|>"
     prediction_type: str = "epsilon"
+    text_width_2: int = 0  # SDXL: the second text encoder's width (0: none)
+    attention_from_level: int = 0  # SDXL: the first level with cross-attention
+    transformer_layers: int | tuple[int, ...] = 1
+    addition_time_embed_dim: int = 8  # SDXL: per added time id
 
 
 TINY_ARCHS = {
     "sd15": TinyArch(),
     "sd21": TinyArch(unet_channels=(40, 80), unet_heads=(5, 10), text_width=48, text_heads=4, linear_projection=True,
                      text_act="gelu", pad_token="!", prediction_type="v_prediction"),
+    # the levels of SDXL at 1024 px (128, 64, 32 latents) at 64 px: attention from the second level on, two layers
+    "sdxl": TinyArch(unet_channels=(32, 64, 64), unet_heads=(2, 4, 4), text_width=32, text_width_2=32,
+                     linear_projection=True, attention_from_level=1, transformer_layers=(1, 1, 2)),
 }
 
 
 def tiny_unet(arch: TinyArch = TinyArch()) -> UNet2DConditionModel:
     n = len(arch.unet_channels)
+    levels = range(n)
+    sdxl = {}
+    if arch.text_width_2:
+        sdxl = {"addition_embed_type": "text_time", "addition_time_embed_dim": arch.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": 6 * arch.addition_time_embed_dim + arch.text_width_2,
+                "transformer_layers_per_block": arch.transformer_layers}
     return UNet2DConditionModel(
         sample_size=arch.sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=arch.unet_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=arch.text_width,
+        down_block_types=tuple("CrossAttnDownBlock2D" if i >= arch.attention_from_level else "DownBlock2D" for i in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if i >= arch.attention_from_level else "UpBlock2D" for i in reversed(levels)),
+        cross_attention_dim=arch.text_width + arch.text_width_2,
         attention_head_dim=arch.unet_heads,
         use_linear_projection=arch.linear_projection,
         norm_num_groups=8,
+        **sdxl,
     )
 
 
@@ -200,22 +251,22 @@ def tiny_vae(arch: TinyArch = TinyArch()) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(arch: TinyArch = TinyArch()) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=arch.text_width,
-            intermediate_size=arch.text_width * 2,
-            num_hidden_layers=arch.text_layers,
-            num_attention_heads=arch.text_heads,
-            max_position_embeddings=77,
-            hidden_act=arch.text_act,
-            projection_dim=arch.text_width,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0 if arch.pad_token == "!" else 49407,
-        )
+def tiny_text_encoder(arch: TinyArch = TinyArch(), second: bool = False) -> CLIPTextModel:
+    """The text encoder; `second`: SDXL's second one, with a projection (its pooled output) and "!" padding."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=arch.text_width_2 if second else arch.text_width,
+        intermediate_size=(arch.text_width_2 if second else arch.text_width) * 2,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=77,
+        hidden_act="gelu" if second else arch.text_act,
+        projection_dim=arch.text_width_2 if second else arch.text_width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0 if second or arch.pad_token == "!" else 49407,
     )
+    return CLIPTextModelWithProjection(config) if second else CLIPTextModel(config)
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -231,19 +282,18 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 
 def build_tiny_model(directory: str | Path, seed: int = 0, arch: TinyArch = TinyArch()) -> Path:
-    """Write a complete random-weight SD pipeline (diffusers format) that `from_pretrained` loads."""
+    """Write a complete random-weight SD pipeline (diffusers format) that `from_pretrained` loads: an SDXL one
+    (StableDiffusionXLPipeline) when the arch has a second text encoder."""
     directory = Path(directory)
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(arch),
-        text_encoder=tiny_text_encoder(arch),
-        tokenizer=clip_tokenizer(pad_token=arch.pad_token),
-        unet=tiny_unet(arch),
-        scheduler=sd_scheduler(arch.prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": tiny_vae(arch), "text_encoder": tiny_text_encoder(arch),
+             "tokenizer": clip_tokenizer(pad_token=arch.pad_token), "unet": tiny_unet(arch),
+             "scheduler": sd_scheduler(arch.prediction_type)}
+    if arch.text_width_2:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=tiny_text_encoder(arch, second=True),
+                                         tokenizer_2=clip_tokenizer(pad_token="!"))
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 

@@ -15,17 +15,19 @@ ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.")
 TEXT_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.")
 ADAPTER = re.compile(r"\.lora_[AB]\.[^.]+\.")  # peft's '<module>.lora_A.<adapter>.weight'
 
-# selector -> (which model, predicate on the parameter name within that model)
-SELECTORS: dict[str, tuple[str, Callable[[str], bool]]] = {
-    "placeholder": ("text_encoder", lambda n: n.endswith("token_embedding.rows")),
+TEXT = ("text_encoder", "text_encoder_2")  # SDXL's second encoder is selected with the first, where there is one
+
+# selector -> (which model(s), predicate on the parameter name within that model)
+SELECTORS: dict[str, tuple[str | tuple[str, ...], Callable[[str], bool]]] = {
+    "placeholder": (TEXT, lambda n: n.endswith("token_embedding.rows")),
     "unet": ("unet", lambda n: True),
     "unet.attn": ("unet", lambda n: bool(ATTN.search(n))),
     "unet.attn2": ("unet", lambda n: bool(ATTN2.search(n))),
     "unet.attn2.kv": ("unet", lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
     "unet.attn2.q": ("unet", lambda n: ".attn2.to_q." in n),
     "unet.attn2.out": ("unet", lambda n: ".attn2.to_out.0." in n),
-    "text_encoder": ("text_encoder", lambda n: True),
-    "text_encoder.attn": ("text_encoder", lambda n: bool(TEXT_ATTN.search(n))),
+    "text_encoder": (TEXT, lambda n: True),
+    "text_encoder.attn": (TEXT, lambda n: bool(TEXT_ATTN.search(n))),
 }
 
 SELECTOR_HELP = {
@@ -58,12 +60,15 @@ def select(models: dict[str, nn.Module], selectors: list[str], adapters: bool = 
     for selector in selectors:
         if selector not in SELECTORS:
             raise SelectorError(f"unknown trainable selector {selector!r}; available: {', '.join(SELECTORS)}")
-        model_name, predicate = SELECTORS[selector]
+        model_names, predicate = SELECTORS[selector]
         found = {}
-        for n, p in models[model_name].named_parameters():
-            weight = adapted_name(n)
-            if (weight is not None and adapters and predicate(weight)) or (weight is None and not adapters and predicate(n)):
-                found[f"{model_name}.{n}"] = p
+        for model_name in [model_names] if isinstance(model_names, str) else model_names:
+            if model_name not in models:
+                continue
+            for n, p in models[model_name].named_parameters():
+                weight = adapted_name(n)
+                if (weight is not None and adapters and predicate(weight)) or (weight is None and not adapters and predicate(n)):
+                    found[f"{model_name}.{n}"] = p
         if not found:
             hint = " (this method uses an existing identifier word, so there are no placeholder rows)" if selector == "placeholder" else ""
             raise SelectorError(f"trainable selector {selector!r} matches no parameter{hint}")
@@ -99,5 +104,5 @@ def set_trainable(models: dict[str, nn.Module], stage) -> dict[str, nn.Parameter
 
 
 def text_side_frozen(models: dict[str, nn.Module]) -> bool:
-    return not any(p.requires_grad for p in models["text_encoder"].parameters())
+    return not any(p.requires_grad for name in TEXT if name in models for p in models[name].parameters())
 

@@ -33,7 +33,7 @@ from personalize.prompts import context_set_for, load_prompt_set, templates
 from personalize.run_settings import RunSpec
 from personalize.sampling import subject_phrase
 from personalize.step_record import Needs
-from personalize.tokens import Placeholders, add_placeholders, find_roles, single_token_id, tokenize, word_ids
+from personalize.tokens import Placeholders, add_subject_tokens, find_roles, single_token_id, tokenize, word_ids
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RunContext:
 
     @property
     def models(self) -> dict[str, nn.Module]:
-        return {"unet": self.components.unet, "text_encoder": self.components.text_encoder}
+        return self.components.models
 
     @property
     def run_dir(self) -> Path:
@@ -84,7 +84,7 @@ def _place_models(components: SDComponents, spec: RunSpec, device: torch.device,
     """Everything on the device in the compute dtype, except the parameters some stage trains: those stay fp32
     (as loaded), so training updates full-precision weights and nothing else is ever written."""
     low = dtype or torch.float32
-    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    models = components.models
     trained = set(trained_parameters(models, spec.method.stages))
     components.vae.to(device).eval()
     if low != torch.float32:  # loaded in fp32; casting to fp32 again only makes diffusers warn
@@ -104,7 +104,7 @@ def _place_models(components: SDComponents, spec: RunSpec, device: torch.device,
 def add_adapters_and_check_selectors(spec: RunSpec, components: SDComponents) -> None:
     """Put the method's LoRA adapters on; fail fast on a selector that matches nothing (before any image is
     generated or encoded)."""
-    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    models = components.models
     try:
         add_adapters(models, all_stages(spec), spec.seed)
     except SelectorError as e:
@@ -129,7 +129,7 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
         single_token_id(tokenizer, s.super_category, concept.id) if needs.single_token_class else word_ids(tokenizer, s.super_category)[0]
         for s in concept.subjects
     ]
-    placeholders = add_placeholders(tokenizer, components.text_encoder, method.placeholder, concept)
+    placeholders = add_subject_tokens(components, method.placeholder, concept)
     add_adapters_and_check_selectors(spec, components)
     check_class_after_placeholder(spec, tokenizer, placeholders, class_ids, needs, [c for c in captions if c])
     device = resolve_device(spec.device)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -18,16 +18,14 @@ def build_pipeline(components, scheduler: str = "ddim") -> StableDiffusionPipeli
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(SCHEDULERS)}")
     sched = SCHEDULERS[scheduler].from_config(components.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": components.vae, "text_encoder": components.text_encoder, "tokenizer": components.tokenizer,
+             "unet": components.unet, "scheduler": sched}
+    if components.is_sdxl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=components.text_encoder_2,
+                                         tokenizer_2=components.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -143,18 +141,18 @@ class LoadedRun:
         from personalize.export import LORA, PLACEHOLDERS, load_embeddings, load_unet_weights
         from personalize.models import load_components
         from personalize.run_folder import finished_spec
-        from personalize.tokens import add_placeholders, restore_rows
+        from personalize.tokens import add_subject_tokens, restore_joined_rows
 
         self.run_dir = Path(run_dir)
         self.spec = finished_spec(self.run_dir)
         self.components = components or load_components(self.spec.model)
         comps = self.components
-        self.placeholders = add_placeholders(comps.tokenizer, comps.text_encoder, self.spec.method.placeholder, self.spec.concept)
+        self.placeholders = add_subject_tokens(comps, self.spec.method.placeholder, self.spec.concept)
         embeds = load_embeddings(self.run_dir)
-        self.trained_rows = None
+        self.trained_rows = None  # each vector's rows of every text encoder, joined
         if self.placeholders.learned:
             self.trained_rows = torch.cat([embeds[tokens[0]] for tokens in self.placeholders.tokens])
-            restore_rows(comps.text_encoder, self.trained_rows)
+            restore_joined_rows(comps, self.trained_rows)
         unet = load_unet_weights(self.run_dir)
         if unet:
             missing = set(unet) - set(comps.unet.state_dict())
@@ -166,7 +164,7 @@ class LoadedRun:
                 build_pipeline(comps).load_lora_weights(self.run_dir, weight_name=LORA)
         self.subject = json.loads((self.run_dir / PLACEHOLDERS).read_text())["subject"]
         self.device = resolve_device(device)
-        for module in (comps.unet, comps.vae, comps.text_encoder):
+        for module in (comps.vae, *comps.models.values()):
             module.to(self.device).eval()
 
     def fill(self, prompt: str) -> str:

@@ -17,6 +17,7 @@ from personalize.forwards import EXTRA_FORWARDS
 from personalize.params import text_side_frozen
 from personalize.run_context import RunContext
 from personalize.step_record import Needs, StepRecord
+from personalize.text_conditioning import TextCondition, encode_prompts, unet_forward
 from personalize.tokens import find_roles, tokenize
 
 
@@ -29,7 +30,7 @@ class StepEngine:
         self.store = store
         self.prompt_override = prompt_override
         self.context_prompts = context_prompts or ctx.context_templates
-        self.text_cache: dict[str, torch.Tensor] | None = {} if text_side_frozen(ctx.models) else None
+        self.text_cache: dict[str, TextCondition] | None = {} if text_side_frozen(ctx.models) else None
 
     def autocast(self):
         dtype = self.ctx.autocast_dtype
@@ -37,25 +38,23 @@ class StepEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=dtype)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and text-encoder outputs; cached per prompt while the text side is frozen."""
+    def encode(self, prompts: list[str]) -> TextCondition:
+        """The prompts' UNet condition; cached per prompt while the text side is frozen."""
         comps = self.ctx.components
-        ids = tokenize(comps.tokenizer, prompts)
         if self.text_cache is None:
-            return ids, comps.text_encoder(ids.to(self.ctx.device))[0]
+            return encode_prompts(comps, prompts, self.ctx.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
         if missing:
             with torch.no_grad():
-                out = comps.text_encoder(tokenize(comps.tokenizer, missing).to(self.ctx.device))[0]
-            self.text_cache.update(zip(missing, out))
-        return ids, torch.stack([self.text_cache[p] for p in prompts])
+                self.text_cache.update(zip(missing, encode_prompts(comps, missing, self.ctx.device).split()))
+        return TextCondition.stack([self.text_cache[p] for p in prompts])
 
-    def unet(self, noisy, timesteps, embeds, capture) -> tuple[torch.Tensor, dict]:
+    def unet(self, noisy, timesteps, condition: TextCondition, capture) -> tuple[torch.Tensor, dict]:
         """A UNet forward recording exactly `capture` (None: nothing, on the fast path) when processors are installed."""
         if self.store is None:
-            return self.ctx.components.unet(noisy, timesteps, embeds).sample, {}
+            return unet_forward(self.ctx.components, noisy, timesteps, condition), {}
         with self.store.recording(capture, tuple(noisy.shape[-2:])) as maps:
-            pred = self.ctx.components.unet(noisy, timesteps, embeds).sample
+            pred = unet_forward(self.ctx.components, noisy, timesteps, condition)
         return pred, maps
 
     def record(self, batch: Batch, gen: torch.Generator) -> StepRecord:
@@ -81,8 +80,7 @@ class StepEngine:
                 loss_mask=batch.masks.to(device) if batch.masks is not None else None,
             )
             if self.needs.prediction:
-                _, embeds = self.encode(prompts)
-                rec.model_pred, rec.attention = self.unet(noisy, timesteps, embeds, self.needs.capture)
+                rec.model_pred, rec.attention = self.unet(noisy, timesteps, self.encode(prompts), self.needs.capture)
                 rec.attention_resolution = dict(self.store.resolutions) if self.store else {}
                 rec.target = noise if comps.noise_scheduler.config.prediction_type == "epsilon" else comps.noise_scheduler.get_velocity(latents, noise, timesteps)
             for forward in EXTRA_FORWARDS.values():

@@ -152,9 +152,7 @@ def add_placeholders(tokenizer, text_encoder, spec: PlaceholderSpec, concept: Co
 
 
 def restore_rows(text_encoder, rows: torch.Tensor) -> None:
-    emb = placeholder_embedding(text_encoder)
-    with torch.no_grad():
-        emb.rows.copy_(rows)
+    restore_rows_of(placeholder_embedding(text_encoder), rows)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -204,3 +202,53 @@ def learned_rows(text_encoder, placeholders: Placeholders) -> dict[str, torch.Te
     for tokens, ids in zip(placeholders.tokens, placeholders.ids):
         out[tokens[0]] = emb.rows[[i - emb.base_vocab for i in ids]].detach().float().cpu().clone()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Every text encoder of a model: SDXL gives a placeholder a row in each (as diffusers' SDXL textual inversion
+# does). A placeholder's vector is then its rows joined end to end, [CLIP-L | OpenCLIP-bigG], the way SDXL's
+# UNet reads the two encoders' outputs side by side.
+
+
+def add_subject_tokens(components, spec: PlaceholderSpec, concept: ConceptSpec) -> Placeholders:
+    """The concept's placeholders in the model's tokenizer and text encoder, and in SDXL's second pair too."""
+    placeholders = add_placeholders(components.tokenizer, components.text_encoder, spec, concept)
+    if components.is_sdxl:
+        second = add_placeholders(components.tokenizer_2, components.text_encoder_2, spec, concept)
+        if second.ids != placeholders.ids:  # both tokenizers hold the same vocabulary, so the new ids agree
+            raise ConceptError(concept.id, f"the placeholders got ids {placeholders.ids} and {second.ids} in the two "
+                               "tokenizers", "use a model whose two tokenizers share one vocabulary (SDXL's do)")
+    return placeholders
+
+
+def placeholder_embeddings(components) -> list[PlaceholderEmbedding]:
+    """Each text encoder's placeholder embedding (none for a method that uses an existing word)."""
+    found = [placeholder_embedding(encoder) for encoder in components.text_models.values()]
+    return [emb for emb in found if emb is not None]
+
+
+def joined_rows(components) -> torch.Tensor:
+    """(rows, width of all encoders): each placeholder vector's rows joined end to end."""
+    return torch.cat([emb.rows.detach() for emb in placeholder_embeddings(components)], dim=1)
+
+
+def restore_joined_rows(components, rows: torch.Tensor) -> None:
+    start = 0
+    for emb in placeholder_embeddings(components):
+        width = emb.rows.shape[1]
+        restore_rows_of(emb, rows[:, start : start + width])
+        start += width
+
+
+def restore_rows_of(emb: PlaceholderEmbedding, rows: torch.Tensor) -> None:
+    with torch.no_grad():
+        emb.rows.copy_(rows)
+
+
+def learned_vectors(components, placeholders: Placeholders) -> dict[str, torch.Tensor]:
+    """learned_rows over every text encoder, each subject's rows joined end to end."""
+    per_encoder = [learned_rows(encoder, placeholders) for encoder in components.text_models.values()]
+    per_encoder = [rows for rows in per_encoder if rows]
+    if not per_encoder:
+        return {}
+    return {token: torch.cat([rows[token] for rows in per_encoder], dim=1) for token in per_encoder[0]}

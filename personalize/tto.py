@@ -14,7 +14,7 @@ from personalize.loop import NullSink, run_stage
 from personalize.method_spec import StageSpec
 from personalize.run_context import RunContext
 from personalize.sampling import LoadedRun
-from personalize.tokens import placeholder_embedding, restore_rows, single_token_id
+from personalize.tokens import joined_rows, placeholder_embeddings, restore_joined_rows, single_token_id
 
 
 def test_time_stage(run: LoadedRun, steps: int | None = None) -> StageSpec:
@@ -25,9 +25,10 @@ def test_time_stage(run: LoadedRun, steps: int | None = None) -> StageSpec:
 
 
 def optimize_for_prompt(run: LoadedRun, template: str, steps: int | None = None, progress: bool = True) -> torch.Tensor:
-    """Tune the placeholder rows for `template` ('{}' = the subject) in place; returns the new rows."""
+    """Tune the placeholder rows for `template` ('{}' = the subject) in place; returns the new rows (of every text
+    encoder, joined)."""
     spec = run.spec.model_copy(update={"checkpoint_every": 0})
-    if not run.placeholders.learned or placeholder_embedding(run.components.text_encoder) is None:
+    if not run.placeholders.learned or not placeholder_embeddings(run.components):
         raise ConceptError(spec.concept.id, f"method {spec.method.name} learned no placeholder embedding",
                            "test-time optimisation needs a run of a method with a learned token")
     if "{}" not in template:
@@ -41,6 +42,6 @@ def optimize_for_prompt(run: LoadedRun, template: str, steps: int | None = None,
         autocast_dtype=resolve_precision(spec.mixed_precision, run.device), prior_folder=None, subject=run.subject,
     )
     stage = test_time_stage(run, steps).model_copy(update={"prompt": template, "context_prompts": [template]})
-    restore_rows(run.components.text_encoder, run.trained_rows)  # every prompt starts from the trained embedding
+    restore_joined_rows(run.components, run.trained_rows)  # every prompt starts from the trained embedding
     run_stage(ctx, len(spec.method.stages), stage, NullSink(), None, 0, progress)
-    return placeholder_embedding(run.components.text_encoder).rows.detach().clone()
+    return joined_rows(run.components).clone()

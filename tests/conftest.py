@@ -85,8 +85,8 @@ def tiny_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """The tiny model of each architecture the methods must run on (sd15 is `tiny_model`)."""
     from personalize.models import TINY_ARCHS, build_tiny_model
 
-    return {"sd15": tiny_model, "sd21": build_tiny_model(tmp_path_factory.mktemp("tiny21") / "model", seed=0,
-                                                        arch=TINY_ARCHS["sd21"])}
+    return {"sd15": tiny_model, **{arch: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}") / "model", seed=0,
+                                                          arch=TINY_ARCHS[arch]) for arch in ("sd21", "sdxl")}}
 
 
 def draw_concept(folder: Path, n: int = 4, size: int = 80, colour=(200, 40, 180), seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""Every method on every architecture's tiny model (sd15, sd21), the same contract: exactly the declared
+"""Every method on every architecture's tiny model (sd15, sd21, sdxl), the same contract: exactly the declared
 parameters train, first losses are reproducible, and a run stopped mid-stage or at a stage boundary resumes to
 the same result as an uninterrupted one."""
 
@@ -20,7 +20,7 @@ from personalize.params import trained_parameters
 from personalize.run_context import prepare_run
 
 METHODS = available_methods()
-ARCHS = ("sd15", "sd21")
+ARCHS = ("sd15", "sd21", "sdxl")
 
 
 def snapshot(models) -> dict[str, torch.Tensor]:

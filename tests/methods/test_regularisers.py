@@ -90,7 +90,7 @@ def lock_stage():
 def test_norm_lock_holds_the_joint_norm_of_all_rows_exactly_inside_its_window_only():
     stage = lock_stage()
     rows = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
-    lock = NormLock(stage, {}, rows)
+    lock = NormLock(stage, {}, [rows])
     joint, per_row = [], []
     for step in range(1, 9):
         with torch.no_grad():
@@ -104,18 +104,34 @@ def test_norm_lock_holds_the_joint_norm_of_all_rows_exactly_inside_its_window_on
         # one common factor for both rows: the rows' own norms are not each held
         assert not torch.allclose(per_row[step - 1], per_row[2], rtol=1e-4, atol=0)
     assert joint[6] > recorded and joint[1] < recorded  # free after the window and before it
-    assert NormLock(stage, lock.state(), rows).norm.item() == pytest.approx(recorded, rel=1e-6)
+    assert NormLock(stage, lock.state(), [rows]).norm.item() == pytest.approx(recorded, rel=1e-6)
 
 
 def test_norm_lock_restores_from_a_per_row_checkpoint():
     stage = lock_stage()
     # one vector: the old layout {"norms": [norm of the row]} is the joint norm itself
     rows = torch.nn.Parameter(torch.tensor([[6.0, 8.0]]))
-    NormLock(stage, {"norms": [5.0]}, rows).after_update(4)
+    NormLock(stage, {"norms": [5.0]}, [rows]).after_update(4)
     assert torch.equal(rows.detach(), torch.tensor([[3.0, 4.0]]))
     # several vectors: the per-row norms combine into the joint norm they were recorded from
-    assert NormLock(stage, {"norms": [3.0, 4.0]}, rows).norm.item() == pytest.approx(5.0)
-    assert NormLock(stage, {}, rows).state() == {}
+    assert NormLock(stage, {"norms": [3.0, 4.0]}, [rows]).norm.item() == pytest.approx(5.0)
+    assert NormLock(stage, {}, [rows]).state() == {}
+
+
+def test_norm_lock_keeps_each_text_encoders_rows_at_their_own_norm():
+    """SDXL: a placeholder has rows in two encoders of different scales; each keeps the joint norm it had."""
+    stage = lock_stage()
+    first, second = torch.nn.Parameter(torch.tensor([[3.0, 4.0]])), torch.nn.Parameter(torch.tensor([[0.0, 10.0, 0.0]]))
+    lock = NormLock(stage, {}, [first, second])
+    for step in range(1, 6):
+        with torch.no_grad():
+            first.mul_(2.0)
+            second.add_(1.0)
+        lock.after_update(step)
+    assert lock.state()["norms"] == pytest.approx([40.0, torch.tensor([3.0, 13.0, 3.0]).norm().item()])
+    assert first.detach().norm().item() == pytest.approx(40.0)  # held after updates 4 and 5
+    assert second.detach().norm().item() == pytest.approx(lock.state()["norms"][1], rel=1e-6)
+    assert NormLock(stage, lock.state(), [first, second]).norm.tolist() == pytest.approx(lock.state()["norms"])
 
 
 def test_norm_lock_survives_a_resume_inside_its_window(spec_for, tiny_model, tmp_path, monkeypatch):
