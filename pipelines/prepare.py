@@ -102,7 +102,7 @@ class PriorGenerator:
 
         self.components = load_components(model)
         device = resolve_device(device)
-        for module in (self.components.unet, self.components.vae, self.components.text_encoder):
+        for module in (self.components.vae, *self.components.models.values()):
             module.to(device).eval()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
