@@ -59,3 +59,21 @@ def test_the_sd21_tiny_model_has_sd2s_layout_and_padding(tiny_models, tmp_path):
     assert int(roles.super_category[0, 0]) == int(roles.placeholder[0, 0]) + 1 == 6  # "<c>" at 5, "dog" at 6
     assert main(["tiny-model", str(tmp_path / "m"), "--arch", "sd21"]) == 0
     assert (tmp_path / "m" / "unet" / "config.json").read_text() == (tiny_models["sd21"] / "unet" / "config.json").read_text()
+
+
+def test_the_sdxl_tiny_model_has_sdxls_layout_and_loads_with_its_pipeline(tiny_models, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from personalize.cli import main
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models["sdxl"]))
+    unet = pipe.unet.config
+    assert unet.addition_embed_type == "text_time" and unet.cross_attention_dim == 64  # both encoders side by side
+    assert unet.down_block_types[0] == "DownBlock2D" and list(unet.transformer_layers_per_block) == [1, 1, 2]
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + 32  # time ids + pooled
+    assert pipe.text_encoder_2.config.projection_dim == 32 and pipe.tokenizer_2.pad_token == "!"
+    comps = load_components(str(tiny_models["sdxl"]))
+    assert comps.is_sdxl and list(comps.models) == ["unet", "text_encoder", "text_encoder_2"]
+    assert not load_components(str(tiny_models["sd15"])).is_sdxl
+    assert main(["tiny-model", str(tmp_path / "m"), "--arch", "sdxl"]) == 0
+    assert (tmp_path / "m" / "unet" / "config.json").read_text() == (tiny_models["sdxl"] / "unet" / "config.json").read_text()
