@@ -3,6 +3,7 @@ step, trained parameters, optimizer state, checkpoint size, and on a GPU the pea
 
     python bench/lora_vs_full.py                                    # the micro world's model on the CPU
     python bench/lora_vs_full.py --arch sd15 --device cuda --batch 1  # SD 1.5's architecture, random weights
+    python bench/lora_vs_full.py --arch sdxl --device cuda --batch 1  # SDXL 1.0 base's, 1024 px
 
 Identity and CLIP-T of the two in the world come from the quality benchmark:
     python bench/quality.py --methods dreambooth dreambooth_lora --concepts 2
@@ -49,9 +50,9 @@ def measure(spec, model: Path, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = step_timing_parser(__doc__, ["world", "sd15", "sd21"], batch=1, steps=30, rounds=2)
+    parser = step_timing_parser(__doc__, ["world", "sd15", "sd21", "sdxl"], batch=1, steps=30, rounds=2)
     args = parser.parse_args()
-    resolution = args.resolution or (64 if args.arch == "world" else 512)
+    resolution = args.resolution or {"world": 64, "sdxl": 1024}.get(args.arch, 512)
     rows = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

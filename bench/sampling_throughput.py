@@ -1,9 +1,11 @@
 """Images per second of our sampling (a finished run's personalised pipeline, deterministic per-image seeds)
-against a plain `StableDiffusionPipeline(...)` call on the same model, batch, steps and scheduler, interleaved
+against a plain `StableDiffusionPipeline(...)` (SDXL: `StableDiffusionXLPipeline`) call on the same model, batch, steps and scheduler, interleaved
 in one process. Prints the ratio ours / plain (target >= 0.95).
 
     python bench/sampling_throughput.py                           # tiny model on the CPU
     python bench/sampling_throughput.py --arch sd15 --device cuda --resolution 512 --batch 8 --steps 25
+    python bench/sampling_throughput.py --arch sdxl --device cuda --batch 4 --steps 25   # 1024 px
+    python bench/sampling_throughput.py --arch tiny-sdxl                                 # the tiny SDXL on the CPU
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from personalize.config import resolve_runs
 from personalize.loop import run_method
-from personalize.models import build_full_size_model, build_tiny_model
+from personalize.models import TINY_ARCHS, build_full_size_model, build_tiny_model
 from personalize.run_settings import ExperimentConfig
 from personalize.sampling import LoadedRun, generate
 from personalize.synthetic import DEFAULT_CONCEPTS, write_concepts
@@ -36,7 +38,7 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "sd15", "sd21"], default="tiny")
+    parser.add_argument("--arch", choices=["tiny", "tiny-sdxl", "sd15", "sd21", "sdxl"], default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
@@ -46,10 +48,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    resolution = args.resolution or {"tiny": 64, "tiny-sdxl": 64, "sdxl": 1024}.get(args.arch, 512)
+    sdxl = args.arch.endswith("sdxl")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_tiny_model(tmp / "model") if args.arch == "tiny" else build_full_size_model(tmp / "model", args.arch)
+        if args.arch.startswith("tiny"):
+            model = build_tiny_model(tmp / "model", arch=TINY_ARCHS["sdxl" if sdxl else "sd15"])
+        else:
+            model = build_full_size_model(tmp / "model", args.arch)
         manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(128, resolution))
         spec = resolve_runs(ExperimentConfig(model=str(model), method="textual_inversion", concepts=str(manifest),
                                              output_dir=str(tmp / "out"), resolution=resolution, device=str(device),
@@ -57,11 +63,14 @@ def main() -> None:
                                              samples={"steps": 1, "seeds": [0], "heatmaps": False}))[0]
         run_method(spec, progress=False)
         ours_run = LoadedRun(spec.run_dir, device=str(device))
-        for module in (ours_run.components.unet, ours_run.components.vae, ours_run.components.text_encoder):
+        for module in (ours_run.components.vae, *ours_run.components.models.values()):
             module.to(dtype)
         ours_pipe = ours_run.pipeline("ddim")
-        plain = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, safety_checker=None,
-                                                        requires_safety_checker=False).to(device)
+        if sdxl:
+            plain = StableDiffusionXLPipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
+        else:
+            plain = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, safety_checker=None,
+                                                            requires_safety_checker=False).to(device)
         plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
         plain.set_progress_bar_config(disable=True)
         prompts = [ours_run.fill("a photo of a {}")] * args.batch
@@ -82,7 +91,7 @@ def main() -> None:
     plain_ips, ours_ips = args.batch / min(times["plain"]), args.batch / min(times["ours"])
     print(f"\nsampling, {args.arch} model, {resolution} px, batch {args.batch}, {args.steps} DDIM steps, {dtype}, "
           f"device {device}, best of {args.rounds} interleaved rounds")
-    print(f"plain StableDiffusionPipeline: {plain_ips:8.2f} images/s")
+    print(f"plain {type(plain).__name__}: {plain_ips:8.2f} images/s")
     print(f"ours (personalised run):       {ours_ips:8.2f} images/s")
     print(f"ratio ours / plain:            {ours_ips / plain_ips:8.3f}")
 

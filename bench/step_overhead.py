@@ -5,8 +5,9 @@ text encoder in the graph) and DreamBooth (whole UNet, instance + class-prior ba
 the minimum: draw cached latents, noise, UNet, MSE, backward, AdamW. Prints the ratio ours / plain
 (target <= 1.05).
 
-    python bench/step_overhead.py                   # tiny model on the CPU
+    python bench/step_overhead.py                   # tiny model on the CPU (--arch tiny-sdxl: the tiny SDXL)
     python bench/step_overhead.py --arch sd15 --device cuda --resolution 512 --batch 1
+    python bench/step_overhead.py --arch sdxl --device cuda --batch 1   # SDXL 1.0 base's architecture at 1024 px
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from step_timing import TimingSink, step_timing_parser  # bench/, beside this sc
 from personalize.config import resolve_runs
 from personalize.data import generator
 from personalize.loop import run_stage
-from personalize.models import build_full_size_model, build_tiny_model, load_components
+from personalize.models import TINY_ARCHS, build_full_size_model, build_tiny_model, load_components
 from personalize.optim import make_optimizer
 from personalize.run_context import prepare_run
 from personalize.run_settings import ExperimentConfig
@@ -44,12 +45,29 @@ def ours(ctx, stage, warmup: int) -> float:
     return statistics.median(gaps)
 
 
+def plain_condition(comps, prompts: list[str], device) -> tuple[torch.Tensor, dict]:
+    """The UNet's text input written out: SD's last hidden state; SDXL's two penultimate layers side by side, the
+    second encoder's pooled output and the time ids of an uncropped square image."""
+    if comps.text_encoder_2 is None:
+        return comps.text_encoder(tokenize(comps.tokenizer, prompts).to(device))[0], {}
+    first = comps.text_encoder(tokenize(comps.tokenizer, prompts).to(device), output_hidden_states=True)
+    second = comps.text_encoder_2(tokenize(comps.tokenizer_2, prompts).to(device), output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1), {"text_embeds": second[0]}
+
+
+def with_time_ids(extra: dict, latents: torch.Tensor, vae_scale: int) -> dict:
+    if not extra:
+        return {}
+    side = latents.shape[-1] * vae_scale
+    ids = torch.tensor([side, side, 0, 0, side, side], device=latents.device, dtype=extra["text_embeds"].dtype)
+    return {"added_cond_kwargs": {**extra, "time_ids": ids.expand(latents.shape[0], 6)}}
+
+
 def plain(ctx, stage, warmup: int) -> float:
     """The same step written out by hand, no framework: the baseline the ratio is taken against."""
     comps, device = ctx.components, ctx.device
-    params = [p for p in ctx.models["text_encoder"].parameters() if p.requires_grad] if stage.trainable == ["placeholder"] else []
     if stage.trainable == ["placeholder"]:
-        params = [comps.text_encoder.get_input_embeddings().rows]
+        params = [m.get_input_embeddings().rows for m in (comps.text_encoder, comps.text_encoder_2) if m is not None]
     else:
         params = list(comps.unet.parameters())
     for model in ctx.models.values():
@@ -59,10 +77,10 @@ def plain(ctx, stage, warmup: int) -> float:
     optimizer = make_optimizer(params, stage)
     bank, priors = ctx.instances, ctx.batcher.priors
     prompt = ctx.placeholders.fill("a photo of a {placeholder} {super_category}")
-    ids = tokenize(comps.tokenizer, [prompt] * stage.batch_size).to(device)
+    prompts = [prompt] * stage.batch_size
     with torch.no_grad():
-        frozen_text = comps.text_encoder(ids)[0] if stage.trainable != ["placeholder"] else None
-        prior_text = comps.text_encoder(tokenize(comps.tokenizer, [priors.captions[0]] * stage.batch_size).to(device))[0] if stage.use_class_prior else None
+        frozen_text = plain_condition(comps, prompts, device) if stage.trainable != ["placeholder"] else None
+        prior_text = plain_condition(comps, [priors.captions[0]] * stage.batch_size, device) if stage.use_class_prior else None
     autocast = torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype else contextlib.nullcontext()
     times = []
     for step in range(stage.steps):
@@ -78,11 +96,11 @@ def plain(ctx, stage, warmup: int) -> float:
         t = torch.randint(0, 1000, (latents.shape[0],), generator=gen).to(device)
         noisy = comps.noise_scheduler.add_noise(latents, noise, t)
         with autocast:
-            if text is None:
-                text = comps.text_encoder(ids)[0]
+            text, extra = text if text is not None else plain_condition(comps, prompts, device)
             if prior_text is not None:
-                text = torch.cat([text, prior_text])
-            pred = comps.unet(noisy, t, text).sample
+                text = torch.cat([text, prior_text[0]])
+                extra = {k: torch.cat([v, prior_text[1][k]]) for k, v in extra.items()}
+            pred = comps.unet(noisy, t, text, **with_time_ids(extra, noisy, comps.vae_scale)).sample
             if stage.use_class_prior:
                 a, b = pred.float().chunk(2)
                 n1, n2 = noise.float().chunk(2)
@@ -99,13 +117,16 @@ def plain(ctx, stage, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = step_timing_parser(__doc__, ["tiny", "sd15", "sd21"], batch=4, steps=40, rounds=3)
+    parser = step_timing_parser(__doc__, ["tiny", "tiny-sdxl", "sd15", "sd21", "sdxl"], batch=4, steps=40, rounds=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     args = parser.parse_args()
-    resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    resolution = args.resolution or {"tiny": 64, "tiny-sdxl": 64, "sdxl": 1024}.get(args.arch, 512)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_tiny_model(tmp / "model") if args.arch == "tiny" else build_full_size_model(tmp / "model", args.arch)
+        if args.arch.startswith("tiny"):
+            model = build_tiny_model(tmp / "model", arch=TINY_ARCHS["sdxl" if args.arch == "tiny-sdxl" else "sd15"])
+        else:
+            model = build_full_size_model(tmp / "model", args.arch)
         manifest = write_concepts(tmp / "concepts", DEFAULT_CONCEPTS[:1], size=max(resolution, 128))
         rows = []
         for method, stage_name in (("textual_inversion", "embedding"), ("dreambooth", "finetune")):

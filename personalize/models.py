@@ -298,9 +298,21 @@ def build_tiny_model(directory: str | Path, seed: int = 0, arch: TinyArch = Tiny
     return directory
 
 
+FULL_SIZE_ARCHS = ("sd15", "sd21", "sdxl")
+
+
 def full_size_unet(arch: str = "sd15") -> UNet2DConditionModel:
-    """Random-weight UNet of a released architecture (same FLOPs and memory as the released weights): SD 1.5, or
-    SD 2.1-base (heads per block 5/10/20/20, linear projections, 1024-wide context)."""
+    """Random-weight UNet of a released architecture (same FLOPs and memory as the released weights): SD 1.5,
+    SD 2.1-base (heads per block 5/10/20/20, linear projections, 1024-wide context), or SDXL 1.0 base (three levels,
+    1/2/10 transformer layers, no attention in the first, 2048-wide context, pooled text and time ids)."""
+    if arch == "sdxl":
+        return UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
     if arch == "sd21":
         return UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
                                     sample_size=64)
@@ -328,21 +340,38 @@ def full_size_text_encoder(arch: str = "sd15") -> CLIPTextModel:
     )
 
 
-def sd15_vae() -> AutoencoderKL:
+def sdxl_text_encoder_2() -> CLIPTextModelWithProjection:
+    """SDXL's second text tower: OpenCLIP ViT-bigG/14's (1280 wide, 32 layers, projected pooled output)."""
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                       num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    )
+
+
+def sd15_vae(sample_size: int = 512) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=2,
-        sample_size=512,
+        sample_size=sample_size,
     )
 
 
 def build_full_size_model(directory: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
-    """A random-weight pipeline folder of SD 1.5's or SD 2.1-base's architecture, for throughput and memory
-    benchmarks (both use the same VAE; 2.1-base predicts epsilon, as the papers' base)."""
+    """A random-weight pipeline folder of SD 1.5's, SD 2.1-base's or SDXL 1.0 base's architecture, for throughput
+    and memory benchmarks (one VAE layout for all; 2.1-base predicts epsilon, as the papers' base). SDXL's is
+    about 14 GB in fp32: build it where the benchmark runs."""
     torch.manual_seed(seed)
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=sd15_vae(1024), text_encoder=full_size_text_encoder("sd15"), text_encoder_2=sdxl_text_encoder_2(),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"), unet=full_size_unet("sdxl"),
+            scheduler=sd_scheduler())
+        pipe.save_pretrained(directory, safe_serialization=True)
+        return Path(directory)
     pipe = StableDiffusionPipeline(
         vae=sd15_vae(),
         text_encoder=full_size_text_encoder(arch),

@@ -52,7 +52,7 @@ def model_problems(model: str) -> list[str]:
     if not path.is_dir():
         return [f"model {path}: a file, not a folder; {fix}"]
     problems = [f"model {path}: no {name}/ subfolder; {fix}" for name in SUBFOLDERS if not (path / name).is_dir()]
-    for name in ("text_encoder", "vae", "unet"):
+    for name in ("text_encoder", "vae", "unet", "text_encoder_2"):  # the last: SDXL's, checked where present
         folder = path / name
         if not folder.is_dir():
             continue

@@ -8,7 +8,6 @@ import torch
 from personalize.attention import CaptureSpec, attention_hooks
 from personalize.models import TINY_ARCHS, tiny_unet
 
-
 # per layout: the cross-attention layers, their latent sides at 16x16 latents, and the first attention level's
 # layers (side, count, the first layer's name)
 LAYOUT = {

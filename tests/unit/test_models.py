@@ -77,3 +77,13 @@ def test_the_sdxl_tiny_model_has_sdxls_layout_and_loads_with_its_pipeline(tiny_m
     assert not load_components(str(tiny_models["sd15"])).is_sdxl
     assert main(["tiny-model", str(tmp_path / "m"), "--arch", "sdxl"]) == 0
     assert (tmp_path / "m" / "unet" / "config.json").read_text() == (tiny_models["sdxl"] / "unet" / "config.json").read_text()
+
+
+def test_the_full_size_sdxl_has_the_released_parameter_counts():
+    """Built on the meta device (nothing allocated): the benchmarks' random SDXL is the released architecture."""
+    from personalize.models import full_size_unet, sdxl_text_encoder_2
+
+    with torch.device("meta"):
+        unet, second = full_size_unet("sdxl"), sdxl_text_encoder_2()
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL 1.0 base UNet
+    assert sum(p.numel() for p in second.parameters()) == 694_659_840  # its OpenCLIP ViT-bigG/14 text tower
