@@ -101,3 +101,16 @@ def test_the_a1111_embedding_holds_both_encoders_rows_and_the_pipeline_export_lo
     assert pipe.tokenizer.convert_tokens_to_ids("<blob>") == pipe.tokenizer_2.convert_tokens_to_ids("<blob>") == 49408
     assert pipe.text_encoder_2.get_input_embeddings().weight.shape[0] == 49409
     assert float(np.abs(picture(pipe, PROMPT) - own_sample(sdxl_run.run_dir)).mean()) <= 1e-4
+
+
+def test_test_time_optimisation_tunes_the_rows_of_both_encoders(sdxl_run):
+    from personalize.sampling import LoadedRun
+    from personalize.tokens import joined_rows
+    from personalize.tto import optimize_for_prompt
+
+    run = LoadedRun(sdxl_run.run_dir, device="cpu")
+    trained = run.trained_rows.clone()
+    assert trained.shape == (1, 64)  # the token's CLIP-L row and its bigG row, joined
+    tuned = optimize_for_prompt(run, "a photo of a {} on the beach", steps=2, progress=False)
+    assert torch.equal(tuned, joined_rows(run.components))
+    assert (tuned[:, :32] != trained[:, :32]).any() and (tuned[:, 32:] != trained[:, 32:]).any()
