@@ -3,7 +3,8 @@
 Both run in this process on the same model, data and batch: Textual Inversion (placeholder rows only,
 text encoder in the graph) and DreamBooth (whole UNet, instance + class-prior batch). The plain loop is
 the minimum: draw cached latents, noise, UNet, MSE, backward, AdamW. Prints the ratio ours / plain
-(target <= 1.05).
+(target <= 1.05), the model FLOPs of a step, the achieved TFLOP/s and, given the device's peak, the model-FLOP
+utilisation; on a GPU the peak memory of our loop (`--gradient-checkpointing` to measure that option).
 
     python bench/step_overhead.py                   # tiny model on the CPU (--arch tiny-sdxl: the tiny SDXL)
     python bench/step_overhead.py --arch sd15 --device cuda --resolution 512 --batch 1
@@ -116,9 +117,23 @@ def plain(ctx, stage, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
+def flops_per_step(ctx, stage) -> float:
+    """The model FLOPs of one training step (forward and backward of every module in the step), as torch's
+    FlopCounterMode counts them on the plain loop: matrix multiplies, convolutions and attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        plain(ctx, stage.model_copy(update={"steps": 1}), 0)
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     parser = step_timing_parser(__doc__, ["tiny", "tiny-sdxl", "sd15", "sd21", "sdxl"], batch=4, steps=40, rounds=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak at the run's precision (H100/H200 SXM bf16: 989), for MFU")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="time our loop with it (the plain one without)")
     args = parser.parse_args()
     resolution = args.resolution or {"tiny": 64, "tiny-sdxl": 64, "sdxl": 1024}.get(args.arch, 512)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,25 +148,37 @@ def main() -> None:
             experiment = ExperimentConfig(
                 model=str(model), method=method, concepts=str(manifest), output_dir=str(tmp / "out"), resolution=resolution,
                 device=args.device, mixed_precision=args.precision, latent_variants=2, prior_cache_dir=str(tmp / "priors"),
+                gradient_checkpointing=args.gradient_checkpointing,
                 overrides={f"stages.{stage_name}.steps": args.steps, f"stages.{stage_name}.batch_size": args.batch,
                            "class_prior.num_images": 4, "class_prior.inference_steps": 2},
             )
             spec = resolve_runs(experiment)[0]
             stage = spec.method.stages[0]
-            timings = {"plain": [], "ours": []}
+            timings, peak = {"plain": [], "ours": []}, 0.0
             for _ in range(args.rounds):  # interleaved, so drifts of a shared machine hit both alike
                 for label, fn in (("plain", plain), ("ours", ours)):
                     ctx = prepare_run(spec, load_components(str(model)), progress=False)
                     ctx.run_dir.mkdir(parents=True, exist_ok=True)
+                    if ctx.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     timings[label].append(fn(ctx, stage, args.warmup))
+                    if ctx.device.type == "cuda" and label == "ours":
+                        peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
+            flops = flops_per_step(prepare_run(spec, load_components(str(model)), progress=False), stage)
             base, mine = min(timings["plain"]), min(timings["ours"])
-            rows.append((method, stage_name, base, mine, mine / base))
+            rows.append((method, stage_name, base, mine, mine / base, flops, peak))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     print(f"\nstep time, {args.arch} model, {resolution} px, batch {args.batch}, device {device}: best of {args.rounds} "
           f"interleaved rounds, each the median of {args.steps - args.warmup} steps")
-    print(f"{'method':20} {'stage':10} {'plain (ms)':>11} {'ours (ms)':>10} {'ratio':>7}")
-    for method, stage_name, base, mine, ratio in rows:
-        print(f"{method:20} {stage_name:10} {base * 1e3:11.2f} {mine * 1e3:10.2f} {ratio:7.3f}")
+    print(f"{'method':20} {'stage':10} {'plain (ms)':>11} {'ours (ms)':>10} {'ratio':>7} {'TFLOP/step':>11} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8}")
+    for method, stage_name, base, mine, ratio, flops, peak in rows:
+        achieved = flops / mine / 1e12
+        mfu = f"{achieved / args.peak_tflops:6.1%}" if args.peak_tflops else f"{'-':>6}"
+        print(f"{method:20} {stage_name:10} {base * 1e3:11.2f} {mine * 1e3:10.2f} {ratio:7.3f} {flops / 1e12:11.4f} "
+              f"{achieved:8.3f} {mfu} {peak if peak else float('nan'):8.2f}")
+    print("TFLOP/step: torch's FlopCounterMode over one plain step (forward and backward: matmuls, convolutions, "
+          "attention; the VAE is not in a step, its latents are cached); MFU = TFLOP/s of our step / --peak-tflops")
 
 
 if __name__ == "__main__":
