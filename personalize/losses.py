@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from personalize.attention import CaptureSpec
 from personalize.step_record import Needs, StepRecord
+
+if TYPE_CHECKING:
+    from personalize.method_spec import LossSpec
 
 
 class NoParams(BaseModel):
@@ -341,21 +344,15 @@ def disendiff_separation(rec: StepRecord, p: DisenDiffParams) -> torch.Tensor:
 SD_LATENT_SIDE = 64  # SD 1.x / 2.x at 512 px: the latent side at which the papers give attention-map sides
 
 
-def at_model_level(losses: dict[str, Any], sdxl: bool, latent_side: int) -> dict[str, Any]:
+def at_model_level(losses: dict[str, LossSpec], sdxl: bool, latent_side: int) -> dict[str, LossSpec]:
     """A stage's loss terms with their attention-map `resolution` on the model's levels. Map sides in the method
     files are SD 1.x / 2.x ones (DisenDiff's 16x16, a quarter of the latent side at 512 px) and are kept as they are
     on those models. SDXL's attention starts a level deeper, so the same units sit at the same fraction of its
     latent side: 32x32 at 1024 px (its innermost level), 4x4 for the tiny SDXL at 64 px."""
     if not sdxl:
         return losses
-    out = {}
-    for name, spec in losses.items():
-        params = spec.params if hasattr(spec, "params") else dict(spec)
-        if isinstance(params.get("resolution"), int):
-            side = max(1, params["resolution"] * latent_side // SD_LATENT_SIDE)
-            spec = spec.model_copy(update={"resolution": side}) if hasattr(spec, "params") else {**spec, "resolution": side}
-        out[name] = spec
-    return out
+    return {name: spec.model_copy(update={"resolution": max(1, spec.params["resolution"] * latent_side // SD_LATENT_SIDE)})
+            if isinstance(spec.params.get("resolution"), int) else spec for name, spec in losses.items()}
 
 
 def combined_needs(losses: dict[str, Any]) -> Needs:

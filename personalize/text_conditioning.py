@@ -19,9 +19,6 @@ class TextCondition:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def rows(self, index) -> TextCondition:
-        return TextCondition(self.hidden[index], None if self.pooled is None else self.pooled[index])
-
     def expand(self, batch: int) -> TextCondition:
         """One prompt's condition repeated for a batch (no copy)."""
         return TextCondition(self.hidden.expand(batch, -1, -1), None if self.pooled is None else self.pooled.expand(batch, -1))

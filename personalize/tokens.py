@@ -151,10 +151,6 @@ def add_placeholders(tokenizer, text_encoder, spec: PlaceholderSpec, concept: Co
     return Placeholders(tokens, ids, strings, categories, learned=True)
 
 
-def restore_rows(text_encoder, rows: torch.Tensor) -> None:
-    restore_rows_of(placeholder_embedding(text_encoder), rows)
-
-
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
 
@@ -233,16 +229,13 @@ def joined_rows(components) -> torch.Tensor:
 
 
 def restore_joined_rows(components, rows: torch.Tensor) -> None:
+    """Put joined rows (as joined_rows gives them) back into each encoder's placeholder embedding."""
     start = 0
-    for emb in placeholder_embeddings(components):
-        width = emb.rows.shape[1]
-        restore_rows_of(emb, rows[:, start : start + width])
-        start += width
-
-
-def restore_rows_of(emb: PlaceholderEmbedding, rows: torch.Tensor) -> None:
     with torch.no_grad():
-        emb.rows.copy_(rows)
+        for emb in placeholder_embeddings(components):
+            width = emb.rows.shape[1]
+            emb.rows.copy_(rows[:, start : start + width])
+            start += width
 
 
 def learned_vectors(components, placeholders: Placeholders) -> dict[str, torch.Tensor]:
