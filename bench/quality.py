@@ -1,11 +1,12 @@
 """Quality benchmark of every method in the micro world, run as `personalize batch`es (see microworld/quality.py).
 
-    python bench/quality.py                  # default setting: 2 concepts x 1 seed, about an hour on 2 CPU cores
+    python bench/quality.py                  # default: the papers' 7 methods, 2 concepts x 2 seeds, ~40 min on 2 CPU cores
     python bench/quality.py --full           # 8 concepts x 3 seeds, the model-scaled papers' step counts (a GPU)
     python bench/quality.py --methods core dreambooth --concepts 4 --seeds 2
 
 Local Ray by default; under `ray job submit` (or with RAY_ADDRESS set) the batches run on that cluster. Prints
-the table and writes docs/quality.md (with the claims table), quality.csv, quality_runs.csv and quality.png.
+the table and writes docs/quality.md (with the claims table), quality.csv, quality_runs.csv, quality_separation.csv
+and quality.png.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def main() -> None:
     work = Path(args.work)
     if args.report_only:  # the setting that made the table, not this command line's
         frame, minutes = pd.read_csv(work / "quality_runs.csv"), float((work / "wall_minutes.txt").read_text())
+        separation_csv = work / "quality_separation.csv"
+        separation = pd.read_csv(separation_csv) if separation_csv.is_file() else None
         setting = Setting(**json.loads((Path(args.docs) / "quality_setting.json").read_text()))
     else:
         began = time.perf_counter()
-        frame = run(work, setting)
+        frame, separation = run(work, setting)
         minutes = (time.perf_counter() - began) / 60
         (work / "wall_minutes.txt").write_text(f"{minutes:.2f}\n")
-    paths = write_report(frame, setting, Path(args.docs), minutes)
+    paths = write_report(frame, setting, Path(args.docs), minutes, separation)
     print(paths["markdown"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
 

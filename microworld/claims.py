@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 
-METRICS = ("clip_t", "clip_i_norm", "dino_norm", "clip_i", "dino")
+METRICS = ("clip_t", "clip_i_norm", "dino_norm", "clip_i", "dino", "placeholder_attention", "clip_t_ratio")
 RESAMPLES = 2000
 
 
@@ -38,8 +38,9 @@ def method_summary(frame: pd.DataFrame) -> pd.DataFrame:
         row = {"method": method, "runs": len(part), "train_seconds": round(float(part["train_seconds"].mean()), 1)}
         if "steps" in part:
             row["steps"] = int(part["steps"].iloc[0])
-        for metric in METRICS:
-            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = bootstrap_interval(part[metric])
+        for metric in METRICS:  # a table from before a metric existed has no column for it
+            values = part[metric] if metric in part else []
+            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = bootstrap_interval(values)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -74,43 +75,65 @@ CLAIMS = (  # (claim, source, a, b, metrics that must all be higher for a)
     ('"(rare)" above DreamBooth in text alignment and identity', "seed 002", "rare_two_stage", "dreambooth",
      ("clip_t", "clip_i_norm")),
     ("CoRe's test-time optimisation raises CLIP-T", "seed 001", "core+tto", "core", ("clip_t",)),
+    ("Textual Inversion overfits the embedding: its token takes more of the prompt's attention than DreamBooth's, "
+     "leaving less to the context words", "seed 000", "textual_inversion", "dreambooth", ("placeholder_attention",)),
 )
-NOT_TESTED = (
-    ("Textual Inversion overfits the embedding (its attention spreads onto context tokens)", "seed 000",
-     "not measured by the benchmark: it needs the attention spread of the learned token over the context tokens; the "
-     "per-stage heat maps of each run (attention/) show it but are not scored"),
-    ("DisenDiff keeps two subjects of one image apart better than Custom Diffusion", "seed 003",
-     "not measured: it needs each subject's identity scored against the other subject's references, and Custom "
-     "Diffusion trained on the two-subject photo; the benchmark trains Custom Diffusion on single-subject concepts"),
-)
+PAIR_BASELINE = "custom_diffusion (two subjects)"
+SEPARATION_CLAIM = ("DisenDiff keeps two subjects of one image apart better than Custom Diffusion (each subject "
+                    "prompted alone: identity against its own photos minus against the other's)", "seed 003",
+                    "disendiff", PAIR_BASELINE, ("separation_clip_i", "separation_dino"))
 
 
-def claims_table(frame: pd.DataFrame) -> list[dict]:
-    rows = []
-    for claim, source, a, b, metrics in CLAIMS:
-        if not ({a, b} <= set(frame["method"])):
-            rows.append({"claim": claim, "source": source, "verdict": "inconclusive", "evidence": f"{a} or {b} not run"})
-            continue
-        verdicts, evidence = [], []
-        for metric in metrics:
-            mean, low, high, pairs = paired_difference(frame, a, b, metric)
-            verdicts.append(verdict(low, high))
-            evidence.append(f"{metric}: {mean:+.3f} [{low:+.3f}, {high:+.3f}] over {pairs} pairs")
-        rows.append({"claim": claim, "source": source, "verdict": _both(*verdicts), "evidence": "; ".join(evidence)})
+def compare(frame: pd.DataFrame | None, claim: str, source: str, a: str, b: str, metrics) -> dict:
+    """One claim row: "a above b" in every metric, on the runs both methods share."""
+    if frame is None or frame.empty or not ({a, b} <= set(frame["method"])):
+        return {"claim": claim, "source": source, "verdict": "not tested", "evidence": f"{a} or {b} not run"}
+    missing = [m for m in metrics if m not in frame or frame[m].isna().all()]
+    if missing:
+        return {"claim": claim, "source": source, "verdict": "not tested",
+                "evidence": f"{', '.join(missing)} not measured by this run of the benchmark"}
+    verdicts, evidence = [], []
+    for metric in metrics:
+        mean, low, high, pairs = paired_difference(frame, a, b, metric)
+        verdicts.append(verdict(low, high))
+        evidence.append(f"{metric}: {mean:+.3f} [{low:+.3f}, {high:+.3f}] over {pairs} pairs")
+    return {"claim": claim, "source": source, "verdict": _both(*verdicts), "evidence": "; ".join(evidence)}
+
+
+def claims_table(frame: pd.DataFrame, separation: pd.DataFrame | None = None) -> list[dict]:
+    """Every claim's row; `separation` holds the two-subject runs' rows, one per (run, subject)."""
+    rows = [compare(frame, *claim) for claim in CLAIMS]
     if {"rare_two_stage", "dreambooth"} <= set(frame["method"]):
         mean, low, high, pairs = paired_difference(frame, "dreambooth", "rare_two_stage", "train_seconds")
         rows.append({"claim": '"(rare)" trains in less time than DreamBooth', "source": "seed 002",
                      "verdict": verdict(low, high), "evidence": f"DreamBooth - (rare) seconds: {mean:+.1f} [{low:+.1f}, {high:+.1f}] over {pairs} pairs"})
-    rows += [{"claim": c, "source": s, "verdict": "not tested", "evidence": why} for c, s, why in NOT_TESTED]
+    rows.append(compare(separation, *SEPARATION_CLAIM))
     return rows
 
 
-def claims_markdown(frame: pd.DataFrame) -> str:
+def separation_markdown(separation: pd.DataFrame | None) -> str:
+    """Per method trained on the two-subject photo: each subject prompted alone, scored against its own photos and
+    the other subject's (means over runs x subjects with their intervals)."""
+    if separation is None or separation.empty:
+        return ""
+    lines = ["Two subjects from one photo, each prompted alone (rows: runs x subjects):", "",
+             "| method | CLIP-I own | CLIP-I other | separation, CLIP-I | encoder own | encoder other | separation, encoder | rows |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, part in separation.groupby("method"):
+        cells = []
+        for metric in ("clip_i_own", "clip_i_other", "separation_clip_i", "dino_own", "dino_other", "separation_dino"):
+            mean, low, high = bootstrap_interval(part[metric])
+            cells.append(f"{mean:.3f}" + ("" if low != low else f" [{low:.3f}, {high:.3f}]"))
+        lines.append(f"| {method} | {' | '.join(cells)} | {len(part)} |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_markdown(frame: pd.DataFrame, separation: pd.DataFrame | None = None) -> str:
     lines = ["## The papers' claims", "",
              "Each row compares the two methods on the runs they share (same concept and seed): the mean paired "
              "difference and its 95 % bootstrap interval. Holds: the interval is above zero; fails: below; "
              "inconclusive: it contains zero.", "", "| claim | source | verdict | evidence |", "|---|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['source']} | **{r['verdict']}** | {r['evidence']} |" for r in claims_table(frame)]
+    lines += [f"| {r['claim']} | {r['source']} | **{r['verdict']}** | {r['evidence']} |" for r in claims_table(frame, separation)]
     return "\n".join(lines) + "\n"
 
 
@@ -125,14 +148,20 @@ def _cell(row, metric: str, digits: int = 3) -> str:
 
 def summary_markdown(table: pd.DataFrame, frame: pd.DataFrame, setting, minutes: float) -> str:
     lines = ["| method | CLIP-T | identity, CLIP-I (0 floor, 1 ceiling) | identity, encoder (0 floor, 1 ceiling) | "
-             "CLIP-I raw | identity encoder raw | runs | steps | train s/run |", "|---|---|---|---|---|---|---|---|---|"]
+             "CLIP-T / base model's | CLIP-I raw | identity encoder raw | placeholder attention | runs | steps | train s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in table.iterrows():
         lines.append(f"| {row['method']} | {_cell(row, 'clip_t')} | {_cell(row, 'clip_i_norm', 2)} | {_cell(row, 'dino_norm', 2)} | "
-                     f"{_cell(row, 'clip_i')} | {_cell(row, 'dino')} | {int(row['runs'])} | {int(row.get('steps', 0))} | "
+                     f"{_cell(row, 'clip_t_ratio', 2)} | {_cell(row, 'clip_i')} | {_cell(row, 'dino')} | {_cell(row, 'placeholder_attention', 2)} | "
+                     f"{int(row['runs'])} | {int(row.get('steps', 0))} | "
                      f"{row['train_seconds']} |")
     bounds = frame.groupby("concept")[["clip_i_floor", "clip_i_ceiling", "dino_floor", "dino_ceiling"]].first()
     lines += ["", "Mean and 95 % bootstrap interval over runs (concepts x seeds; DisenDiff: one two-subject photo x "
-              f"seeds). {setting.samples} image(s) per prompt of `world_eval`, DDIM {setting.eval_steps} steps, guidance 5. "
+              f"seeds; Custom Diffusion (two subjects): the same photo, one modifier per subject). {setting.samples} "
+              f"image(s) per prompt of `world_eval`, DDIM {setting.eval_steps} steps, guidance 5. Placeholder attention: "
+              "the share of the prompt's word attention on the placeholder's tokens (personalize/attention_share.py). CLIP-T / "
+              "base model's: each run's CLIP-T over the base model's on the same prompts and seeds asked for the class "
+              "(the floor's samples). "
               "Stage lengths relative to the model-scaled recipes: "
               + ", ".join(f"{m} x{s:g}" for m, s in setting.scales.items() if m in setting.methods)
               + (f"; {setting.class_images} class-prior images per set." if setting.class_images else "."),

@@ -13,17 +13,26 @@ from pathlib import Path
 import pandas as pd
 
 from microworld.concepts import CONCEPTS, write_concepts, write_pair
-from personalize.config import available_methods, load_method
+from microworld.probes import attention_shares, subject_separation
+from personalize.config import load_method
 from personalize.scaling import load_recipe_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "microworld"
 PAIR_METHODS = ("disendiff",)  # several subjects from one image: trained on the two-subject photo
+# DisenDiff's baseline, Custom Diffusion, also trained on the two-subject photo with one modifier per subject and
+# DisenDiff's captions (its paper's comparison); its rows are labelled apart from its single-subject runs.
+PAIR_BASELINE = "custom_diffusion"
+PAIR_LABEL = " (two subjects)"
+PAIR_BASELINE_OVERRIDES = {"placeholder.string": "<{concept}-{index}>", "placeholder.init": ["id:47629", "id:42170"],
+                           "prompt": "photo of a {subjects}", "class_prior.prompt": "photo of {classes}"}
 
 # Stage lengths relative to each (model-scaled) recipe, so the default setting fits an hour on two CPU cores.
 REDUCED_SCALES = {"textual_inversion": 0.1, "dreambooth": 0.75, "dreambooth_lora": 0.75, "rare_two_stage": 0.6,
                   "rare_two_stage_lora": 0.6, "attndreambooth": 0.5, "attndreambooth_lora": 0.5, "core": 0.3, "core_lora": 0.3,
                   "custom_diffusion": 1.0, "disendiff": 1.0}
+# The papers' seven methods; their LoRA variants are measured on request (--methods dreambooth_lora ...).
+PAPER_METHODS = ["attndreambooth", "core", "custom_diffusion", "disendiff", "dreambooth", "rare_two_stage", "textual_inversion"]
 REDUCED_PRIORS = 16  # class-prior images per set in the default setting (papers: 200)
 SCORES = ("clip_t", "clip_i", "dino", "clip_i_floor", "clip_i_ceiling", "clip_i_norm", "dino_floor", "dino_ceiling", "dino_norm")
 
@@ -31,8 +40,8 @@ SCORES = ("clip_t", "clip_i", "dino", "clip_i_floor", "clip_i_ceiling", "clip_i_
 @dataclass
 class Setting:
     concepts: int = 2
-    seeds: int = 1
-    methods: list[str] = field(default_factory=available_methods)
+    seeds: int = 2
+    methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
     scales: dict[str, float] = field(default_factory=lambda: dict(REDUCED_SCALES))
     class_images: int | None = REDUCED_PRIORS
     samples: int = 2  # images per evaluation prompt
@@ -54,11 +63,14 @@ class Setting:
                    samples=1, eval_steps=2, latent_variants=1, track=False, prior_steps=2, tto_steps=1)
 
 
-def method_overrides(method: str, setting: Setting, models: Path) -> dict:
-    """Each stage's length times the setting's scale for the method, after the model's own recipe scale."""
+def method_overrides(method: str, setting: Setting, models: Path, pair: bool = False) -> dict:
+    """Each stage's length times the setting's scale for the method, after the model's own recipe scale; on the
+    two-subject photo, the pair baseline names both subjects."""
     scaled = load_method(method, scale=load_recipe_scale(str(models / "model")))
     scale = setting.scales.get(method, 1.0)
     overrides = {f"stages.{s.name}.steps": max(1, round(s.steps * scale)) for s in scaled.stages} if scale != 1.0 else {}
+    if pair and method == PAIR_BASELINE:
+        overrides.update(PAIR_BASELINE_OVERRIDES)
     if setting.class_images and scaled.class_prior is not None:
         overrides.update({"class_prior.num_images": setting.class_images, "class_prior.inference_steps": setting.prior_steps,
                           "class_prior.guidance_scale": 5.0})
@@ -82,12 +94,13 @@ def test_time_rows(frame: pd.DataFrame, setting: Setting, models: Path) -> pd.Da
     rows = []
     for row in frame[(frame["method"] == "core") & frame["status"].isin(["finished", "skipped"])].to_dict("records"):
         metrics = evaluate_run(row["run_dir"], settings, progress=False).metrics
-        rows.append({**row, "method": "core+tto", **{k: metrics.get(k, float("nan")) for k in SCORES}})
+        rows.append({**row, "method": "core+tto", **{k: metrics.get(k, float("nan")) for k in SCORES},
+                     "placeholder_attention": float("nan")})  # not measured with the prompt-tuned rows
     return pd.DataFrame(rows, columns=frame.columns)
 
 
 
-def batch_config(setting: Setting, methods: list[str], concepts, seed: int, storage: Path, models: Path):
+def batch_config(setting: Setting, methods: list[str], concepts, seed: int, storage: Path, models: Path, pair: bool = False):
     """One `personalize batch` of the benchmark: one protocol for every method (DDIM, guidance 5), so the scores
     compare methods, not samplers."""
     from pipelines.config import BatchConfig
@@ -95,7 +108,7 @@ def batch_config(setting: Setting, methods: list[str], concepts, seed: int, stor
     return BatchConfig(
         name="world-quality", model=str(models / "model"), methods=methods, concepts=concepts, storage=str(storage),
         seed=seed, resolution=64, latent_variants=setting.latent_variants,
-        method_overrides={m: method_overrides(m, setting, models) for m in methods},
+        method_overrides={m: method_overrides(m, setting, models, pair) for m in methods},
         samples={"prompts": ["a photo of a {subject} on the beach"], "seeds": [0], "steps": 10, "heatmaps": False,
                  "every_stage": False},
         evaluation=evaluation_settings(setting, models),
@@ -104,13 +117,26 @@ def batch_config(setting: Setting, methods: list[str], concepts, seed: int, stor
     )
 
 
+def base_method(label: str) -> str:
+    """The method behind a row's label ("core+tto", "custom_diffusion (two subjects)")."""
+    return label.removesuffix("+tto").removesuffix(PAIR_LABEL)
+
+
+def pair_methods(methods: list[str]) -> list[str]:
+    """What trains on the two-subject photo: the pair methods asked for, with their baseline when both are."""
+    pairs = [m for m in methods if m in PAIR_METHODS]
+    return pairs + [PAIR_BASELINE] if pairs and PAIR_BASELINE in methods else pairs
+
+
 def trained_steps(method: str, setting: Setting, models: Path, scale) -> int:
     overrides = method_overrides(method, setting, models)
     return sum(overrides.get(f"stages.{s.name}.steps", s.steps) for s in load_method(method, scale=scale).stages)
 
 
-def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
-    """Every (method, concept, seed) trained and evaluated through `personalize batch`; one row per run."""
+def run(out: Path, setting: Setting, models: Path = MODELS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every (method, concept, seed) trained and evaluated through `personalize batch`, one row per run, with the
+    placeholder's attention share; and the subject separation of the runs on the two-subject photo, one row per
+    (run, subject)."""
     from pipelines.batch import run_batch
     from pipelines.tracking import tracker_for
 
@@ -118,25 +144,51 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> pd.DataFrame:
     manifest = write_concepts(out / "concepts", CONCEPTS[: setting.concepts])
     pair = write_pair(out / "concepts", CONCEPTS[0], CONCEPTS[1])
     singles = [m for m in setting.methods if m not in PAIR_METHODS]
-    pairs = [m for m in setting.methods if m in PAIR_METHODS]
+    pairs = pair_methods(setting.methods)
     frames = []
     for seed in range(setting.seeds):
         for methods, concepts, group in ((singles, str(manifest), "single"), (pairs, [pair], "pair")):
             if not methods:
                 continue
             storage = out / f"seed-{seed}" / group
-            config = batch_config(setting, methods, concepts, seed, storage, models)
+            config = batch_config(setting, methods, concepts, seed, storage, models, pair=group == "pair")
             with tracker_for(config) as tracker:
                 run_batch(config, out / "concepts", tracker)
-            frames.append(pd.read_parquet(storage / "results" / "results.parquet").assign(seed=seed))
+            part = pd.read_parquet(storage / "results" / "results.parquet").assign(seed=seed, group=group)
+            if group == "pair":
+                part["method"] = part["method"].map(lambda m: m if m in PAIR_METHODS else m + PAIR_LABEL)
+            frames.append(part)
     frame = pd.concat(frames, ignore_index=True)
+    frame["placeholder_attention"] = attention_shares(frame[frame["group"] == "single"], setting.eval_steps)
+    separation = pair_separation(frame[frame["group"] == "pair"], out, setting, models)
     frame = pd.concat([frame, test_time_rows(frame, setting, models)], ignore_index=True)
+    frame["clip_t_base"] = frame["run_dir"].map(lambda d: base_clip_t(d, setting))
+    frame["clip_t_ratio"] = frame["clip_t"] / frame["clip_t_base"]
     scale = load_recipe_scale(str(models / "model"))
-    frame["steps"] = frame["method"].map(lambda m: trained_steps(m.removesuffix("+tto"), setting, models, scale))
+    frame["steps"] = frame["method"].map(lambda m: trained_steps(base_method(m), setting, models, scale))
     # a run found finished (a resubmission) reports no training time of its own: its stages' recorded times
     frame["train_seconds"] = frame["stage_seconds"].map(lambda t: round(sum(json.loads(t or "{}").values()), 2))
     frame.to_csv(out / "quality_runs.csv", index=False)
-    return frame
+    separation.to_csv(out / "quality_separation.csv", index=False)
+    return frame, separation
+
+
+def base_clip_t(run_dir, setting: Setting) -> float:
+    """CLIP-T of the base model on the run's evaluation prompts and seeds, asked for the class instead of the
+    subject: the identity floor's samples (shared by every method on the concept), scored for text alignment too."""
+    if not isinstance(run_dir, str) or not run_dir:
+        return float("nan")
+    for path in sorted((Path(run_dir).parent / "_floor").glob("world_eval-*/floor.json")):
+        floor = json.loads(path.read_text())
+        if floor["steps"] == setting.eval_steps and floor["samples"] == setting.samples:
+            return float(floor["clip_t"])
+    return float("nan")
+
+
+def pair_separation(frame: pd.DataFrame, out: Path, setting: Setting, models: Path) -> pd.DataFrame:
+    settings = evaluation_settings(setting, models)
+    return subject_separation(frame, (CONCEPTS[0], CONCEPTS[1]), out / "pair-subjects", setting.samples,
+                              setting.eval_steps, settings["clip"], settings["dino"])
 
 
 GENERATED_BEGIN = "<!-- results: written by bench/quality.py -->"
@@ -149,12 +201,14 @@ def with_generated_section(path: Path, generated: str) -> str:
     text = path.read_text() if path.is_file() else ""
     if GENERATED_BEGIN in text and GENERATED_END in text:
         before, rest = text.split(GENERATED_BEGIN, 1)
-        return before + block + rest.split(GENERATED_END, 1)[1].lstrip("\n")
+        after = rest.split(GENERATED_END, 1)[1].lstrip("\n")
+        return before + block + ("\n" + after if after else "")
     return block + ("\n" + text if text else "")
 
 
-def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float) -> dict[str, Path]:
-    from microworld.claims import claims_markdown, method_summary, summary_markdown, tradeoff_plot
+def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float,
+                 separation: pd.DataFrame | None = None) -> dict[str, Path]:
+    from microworld.claims import claims_markdown, method_summary, separation_markdown, summary_markdown, tradeoff_plot
 
     folder.mkdir(parents=True, exist_ok=True)
     finished = frame[frame["status"].isin(["finished", "skipped"])]
@@ -163,7 +217,12 @@ def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: f
              "runs": folder / "quality_runs.csv"}
     table.to_csv(paths["csv"], index=False)
     frame.to_csv(paths["runs"], index=False)
-    generated = summary_markdown(table, finished, setting, minutes) + "\n" + claims_markdown(finished)
+    if separation is not None:
+        paths["separation"] = folder / "quality_separation.csv"
+        separation.to_csv(paths["separation"], index=False)
+    pair = separation_markdown(separation)
+    generated = (summary_markdown(table, finished, setting, minutes) + ("\n" + pair if pair else "") + "\n"
+                 + claims_markdown(finished, separation))
     paths["markdown"].write_text(with_generated_section(paths["markdown"], generated))
     tradeoff_plot(table, finished, paths["scatter"])
     (folder / "quality_setting.json").write_text(json.dumps(setting.__dict__, indent=1))

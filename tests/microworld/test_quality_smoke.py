@@ -12,14 +12,20 @@ from microworld.quality import Setting, run, write_report
 
 def test_quality_benchmark_smoke(tmp_path, local_ray):
     setting = Setting.smoke(["textual_inversion", "core"])  # the pair batch (DisenDiff) is the same path on another concept
-    frame = run(tmp_path / "work", setting)
+    frame, separation = run(tmp_path / "work", setting)
     assert sorted(frame["method"]) == ["core", "core+tto", "textual_inversion"]
+    share = frame.set_index("method")["placeholder_attention"]
+    assert 0 < share["textual_inversion"] < 1 and 0 < share["core"] < 1 and pd.isna(share["core+tto"])
+    assert separation.empty  # no run on the two-subject photo
+    # the base model's CLIP-T on the same prompts: one floor per concept, shared by every method
+    assert frame["clip_t_base"].nunique() == 1 and frame["clip_t_base"].between(-1, 1).all()
+    assert frame["clip_t_ratio"].tolist() == pytest.approx((frame["clip_t"] / frame["clip_t_base"]).tolist())
     assert set(frame["status"]) == {"finished"}
     steps = frame.set_index("method")["steps"]
     assert steps["core+tto"] == steps["core"] and steps["textual_inversion"] >= 1  # the trained steps, TTO or not
-    paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0)
+    paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0, separation=separation)
     table = pd.read_csv(paths["csv"])
-    for metric in ("clip_t", "clip_i_norm", "dino_norm"):
+    for metric in ("clip_t", "clip_i_norm", "dino_norm", "placeholder_attention"):
         assert {metric, f"{metric}_low", f"{metric}_high"} <= set(table.columns)
     assert table["clip_t"].notna().all()
     assert frame[["clip_i_floor", "clip_i_ceiling", "dino_floor", "dino_ceiling"]].notna().all().all()
@@ -54,7 +60,10 @@ def test_claims_compare_paired_runs_and_read_the_interval():
     assert rows['"(rare)" above DreamBooth in text alignment and identity']["verdict"] == "inconclusive"  # -0.7, +0.5, -0.3
     assert rows['"(rare)" trains in less time than DreamBooth']["verdict"] == "holds"
     assert rows["CoRe above AttnDreamBooth in text alignment and identity"]["evidence"] == "core or attndreambooth not run"
-    assert sum(r["verdict"] == "not tested" for r in rows.values()) == 2
+    # two methods not run (AttnDreamBooth, CoRe), attention shares and two-subject runs not measured
+    assert sum(r["verdict"] == "not tested" for r in rows.values()) == 5
+    attention = rows[next(c for c in rows if c.startswith("Textual Inversion overfits"))]
+    assert attention["evidence"] == "placeholder_attention not measured by this run of the benchmark"
     assert verdict(-0.2, -0.1) == "fails" and verdict(-0.1, 0.1) == "inconclusive" and verdict(0.1, 0.2) == "holds"
 
 
@@ -65,4 +74,30 @@ def test_the_report_replaces_its_results_and_keeps_the_analysis(tmp_path):
     path.write_text(with_generated_section(path, "table one\n"))
     path.write_text(path.read_text() + "\n# Analysis\nwritten by hand\n")
     text = with_generated_section(path, "table two\n")
-    assert "table two" in text and "table one" not in text and text.endswith("# Analysis\nwritten by hand\n")
+    assert "table two" in text and "table one" not in text and text.endswith("end of results -->\n\n# Analysis\nwritten by hand\n")
+
+
+def test_the_attention_and_two_subject_claims_read_their_own_measurements():
+    frame = pd.DataFrame(runs("dreambooth", {"a": 0.9, "b": 0.4}) + runs("textual_inversion", {"a": 0.6, "b": 0.1}))
+    frame["placeholder_attention"] = [0.10, 0.20, 0.45, 0.40]  # TI's token takes 0.35 and 0.20 more
+    separation = pd.DataFrame([
+        {"method": m, "concept": f"pair/{s}", "seed": 0, "separation_clip_i": v, "separation_dino": w}
+        for m, s, v, w in [("disendiff", "x", 0.10, 0.05), ("disendiff", "y", 0.12, 0.02),
+                           ("custom_diffusion (two subjects)", "x", 0.02, 0.06), ("custom_diffusion (two subjects)", "y", 0.03, 0.03)]])
+    rows = {r["claim"].split(":")[0].split(" (")[0]: r for r in claims_table(frame, separation)}
+    attention = rows["Textual Inversion overfits the embedding"]
+    assert attention["verdict"] == "holds" and attention["evidence"].startswith("placeholder_attention: +0.275")
+    pair = rows["DisenDiff keeps two subjects of one image apart better than Custom Diffusion"]
+    # CLIP-I separation higher on both subjects (+0.08, +0.09), the encoder's lower on one (-0.01, -0.01): not both
+    assert pair["verdict"] == "fails" and "separation_clip_i: +0.085 [+0.080, +0.090] over 2 pairs" in pair["evidence"]
+    assert pair["evidence"].endswith("separation_dino: -0.010 [-0.010, -0.010] over 2 pairs")
+
+
+def test_the_default_setting_runs_the_papers_methods_and_trains_the_pair_baseline_beside_disendiff():
+    from microworld.quality import PAIR_BASELINE, PAPER_METHODS, pair_methods
+    from personalize.config import available_methods
+
+    assert set(PAPER_METHODS) <= set(available_methods()) and not any(m.endswith("_lora") for m in PAPER_METHODS)
+    assert Setting().methods == PAPER_METHODS and len(PAPER_METHODS) == 7
+    assert pair_methods(PAPER_METHODS) == ["disendiff", PAIR_BASELINE]
+    assert pair_methods(["disendiff"]) == ["disendiff"] and pair_methods(["custom_diffusion"]) == []
