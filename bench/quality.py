@@ -49,7 +49,7 @@ def main() -> None:
         frame, separation = run(work, setting)
         minutes = (time.perf_counter() - began) / 60
         (work / "wall_minutes.txt").write_text(f"{minutes:.2f}\n")
-    paths = write_report(frame, setting, Path(args.docs), minutes, separation)
+    paths = write_report(frame, setting, Path(args.docs), minutes, separation, work)
     print(paths["markdown"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
 

@@ -206,8 +206,21 @@ def with_generated_section(path: Path, generated: str) -> str:
     return block + ("\n" + text if text else "")
 
 
+def relative_paths(frame: pd.DataFrame, work: Path) -> pd.DataFrame:
+    """The runs table with its run and report paths relative to the benchmark's work folder, as the docs publish
+    it (the folder is the reader's own)."""
+    root = str(work.resolve()) + "/"
+    published = frame.copy()
+    for column in ("run_dir", "report"):
+        if column in published:
+            published[column] = published[column].map(lambda p: p.removeprefix(root) if isinstance(p, str) else p)
+    return published
+
+
 def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float,
-                 separation: pd.DataFrame | None = None) -> dict[str, Path]:
+                 separation: pd.DataFrame | None = None, work: Path | None = None) -> dict[str, Path]:
+    """docs: the summary, runs and separation tables, quality.md's generated section and the plot; with `work`,
+    the published run paths are relative to it."""
     from microworld.claims import claims_markdown, method_summary, separation_markdown, summary_markdown, tradeoff_plot
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +229,7 @@ def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: f
     paths = {"markdown": folder / "quality.md", "csv": folder / "quality.csv", "scatter": folder / "quality.png",
              "runs": folder / "quality_runs.csv"}
     table.to_csv(paths["csv"], index=False)
-    frame.to_csv(paths["runs"], index=False)
+    (frame if work is None else relative_paths(frame, work)).to_csv(paths["runs"], index=False)
     if separation is not None:
         paths["separation"] = folder / "quality_separation.csv"
         separation.to_csv(paths["separation"], index=False)

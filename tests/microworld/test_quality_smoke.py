@@ -2,6 +2,7 @@
 the claims table; the bootstrap intervals and claim verdicts are pinned on hand-made numbers."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,7 +24,10 @@ def test_quality_benchmark_smoke(tmp_path, local_ray):
     assert set(frame["status"]) == {"finished"}
     steps = frame.set_index("method")["steps"]
     assert steps["core+tto"] == steps["core"] and steps["textual_inversion"] >= 1  # the trained steps, TTO or not
-    paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0, separation=separation)
+    paths = write_report(frame, setting, tmp_path / "docs", minutes=1.0, separation=separation, work=tmp_path / "work")
+    published = pd.read_csv(paths["runs"])  # run paths relative to the work folder, not this machine's
+    assert published["run_dir"].tolist() == [str(Path(d).relative_to((tmp_path / "work").resolve())) for d in frame["run_dir"]]
+    assert published["report"].str.startswith("seed-0/single/runs/").all()
     table = pd.read_csv(paths["csv"])
     for metric in ("clip_t", "clip_i_norm", "dino_norm", "placeholder_attention"):
         assert {metric, f"{metric}_low", f"{metric}_high"} <= set(table.columns)
