@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from personalize.sampling import autocast_if_mixed, build_pipeline
+from personalize.sampling import autocast_if_mixed, build_pipeline, prompts_as_written
 
 
 def build_edit_pipeline(components, scheduler: str = "ddim", inpaint: bool = False):
@@ -37,7 +37,7 @@ def build_edit_pipeline(components, scheduler: str = "ddim", inpaint: bool = Fal
         cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionImg2ImgPipeline
         pipe = cls(**base.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return prompts_as_written(pipe)
 
 
 class KeepOutsideMask:

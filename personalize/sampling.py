@@ -27,6 +27,14 @@ def build_pipeline(components, scheduler: str = "ddim") -> StableDiffusionPipeli
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return prompts_as_written(pipe)
+
+
+def prompts_as_written(pipe):
+    """The pipeline encodes prompts as given. Ours already name every vector of a placeholder ("<c> <c>_1 <c>_2"),
+    as training tokenised them; diffusers' textual-inversion expansion, meant for prompts naming the first token
+    only, would add the vectors again at every match ("<c> <c>_1 <c>_2 <c> <c>_1 <c>_2_1 ...")."""
+    pipe.maybe_convert_prompt = lambda prompt, tokenizer: prompt
     return pipe
 
 
