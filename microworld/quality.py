@@ -162,7 +162,8 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> tuple[pd.DataFram
     frame["placeholder_attention"] = attention_shares(frame[frame["group"] == "single"], setting.eval_steps)
     separation = pair_separation(frame[frame["group"] == "pair"], out, setting, models)
     frame = pd.concat([frame, test_time_rows(frame, setting, models)], ignore_index=True)
-    frame["clip_t_base"] = frame["run_dir"].map(lambda d: base_clip_t(d, setting))
+    done = frame["status"].isin(["finished", "skipped"])
+    frame["clip_t_base"] = frame["run_dir"].where(done).map(lambda d: base_clip_t(d, setting, models))
     frame["clip_t_ratio"] = frame["clip_t"] / frame["clip_t_base"]
     scale = load_recipe_scale(str(models / "model"))
     frame["steps"] = frame["method"].map(lambda m: trained_steps(base_method(m), setting, models, scale))
@@ -173,16 +174,16 @@ def run(out: Path, setting: Setting, models: Path = MODELS) -> tuple[pd.DataFram
     return frame, separation
 
 
-def base_clip_t(run_dir, setting: Setting) -> float:
+def base_clip_t(run_dir, setting: Setting, models: Path) -> float:
     """CLIP-T of the base model on the run's evaluation prompts and seeds, asked for the class instead of the
     subject: the identity floor's samples (shared by every method on the concept), scored for text alignment too."""
+    from personalize.evaluation import FLOOR_FILE, floor_folder, read_spec
+    from personalize.run_settings import EvaluationSpec
+
     if not isinstance(run_dir, str) or not run_dir:
         return float("nan")
-    for path in sorted((Path(run_dir).parent / "_floor").glob("world_eval-*/floor.json")):
-        floor = json.loads(path.read_text())
-        if floor["steps"] == setting.eval_steps and floor["samples"] == setting.samples:
-            return float(floor["clip_t"])
-    return float("nan")
+    path = floor_folder(Path(run_dir), read_spec(run_dir), EvaluationSpec(**evaluation_settings(setting, models))) / FLOOR_FILE
+    return float(json.loads(path.read_text())["clip_t"]) if path.is_file() else float("nan")
 
 
 def pair_separation(frame: pd.DataFrame, out: Path, setting: Setting, models: Path) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """How much of a prompt's cross-attention the subject's placeholder takes while a run generates.
 
 At every image position, cross-attention spreads one unit of probability over the prompt's keys. The share
-counts only the prompt's words (start-of-text, end-of-text and padding left out, since they soak up most of the
-mass whatever the prompt says) and measures what part of it lands on the placeholder's tokens, averaged over
-positions, layers, denoising steps and prompts. AttnDreamBooth (its introduction) observes that Textual
+counts only the placeholder and the context words (start-of-text, end-of-text and padding left out, since they
+soak up most of the mass whatever the prompt says; the class word right after the placeholder too, so that
+"a photo of <V> in the snow" and "a photo of sks star in the snow" compare over the same words) and measures
+what part of it lands on the placeholder's tokens, averaged over positions, layers, denoising steps and prompts. AttnDreamBooth (its introduction) observes that Textual
 Inversion "overfits the textual embedding": the learned token takes the attention that context words ("drawing",
 "box") should get, so its share is high; DreamBooth overlooks the new token, so its share is low.
 """
@@ -14,13 +15,24 @@ import torch
 
 from personalize.attention import CaptureSpec, MapAccumulator, attention_hooks
 from personalize.sampling import generate
-from personalize.tokens import tokenize
+from personalize.tokens import tokenize, word_ids
 
 
 def word_positions(input_ids: list[int], eos_id: int) -> list[int]:
     """Positions of a tokenized prompt's words: after start-of-text, before the first end-of-text."""
     end = input_ids.index(eos_id, 1) if eos_id in input_ids[1:] else len(input_ids)
     return list(range(1, end))
+
+
+def class_word_positions(input_ids: list[int], placeholder_ids: list[list[int]], class_ids: list[list[int]]) -> set[int]:
+    """Positions of each subject's class word where it directly follows that subject's placeholder tokens."""
+    found = set()
+    for mine, word in zip(placeholder_ids, class_ids, strict=True):
+        for start in range(len(input_ids) - len(mine) + 1):
+            after = start + len(mine)
+            if input_ids[start:after] == mine and input_ids[after:after + len(word)] == word:
+                found.update(range(after, after + len(word)))
+    return found
 
 
 def placeholder_share(maps: dict[str, torch.Tensor], placeholder: list[list[int]], words: list[list[int]]) -> float:
@@ -48,7 +60,9 @@ def subject_attention_share(run, prompts: list[str], seed: int, steps: int, guid
     components, placeholders = run.components, run.placeholders
     tokenizer = components.tokenizer
     ids = tokenize(tokenizer, prompts).tolist()
-    words = [word_positions(row, tokenizer.eos_token_id) for row in ids]
+    class_ids = [word_ids(tokenizer, word) for word in placeholders.super_categories]
+    words = [[p for p in word_positions(row, tokenizer.eos_token_id) if p not in class_word_positions(row, placeholders.ids, class_ids)]
+             for row in ids]
     ph_ids = {i for subject in placeholders.ids for i in subject}
     placeholder = [[p for p in w if row[p] in ph_ids] for row, w in zip(ids, words)]
     store = MapAccumulator(CaptureSpec(), conditional_half=guidance_scale > 1.0)
