@@ -78,10 +78,12 @@ CLAIMS = (  # (claim, source, a, b, metrics that must all be higher for a)
     ("Textual Inversion overfits the embedding: its token takes more of the prompt's attention than DreamBooth's, "
      "leaving less to the context words", "seed 000", "textual_inversion", "dreambooth", ("placeholder_attention",)),
 )
-PAIR_BASELINE = "custom_diffusion (two subjects)"
+# DisenDiff's baseline trained on the same two-subject photo; its rows carry the label apart from its own runs
+PAIR_BASELINE = "custom_diffusion"
+PAIR_LABEL = " (two subjects)"
 SEPARATION_CLAIM = ("DisenDiff keeps two subjects of one image apart better than Custom Diffusion (each subject "
                     "prompted alone: identity against its own photos minus against the other's)", "seed 003",
-                    "disendiff", PAIR_BASELINE, ("separation_clip_i", "separation_dino"))
+                    "disendiff", PAIR_BASELINE + PAIR_LABEL, ("separation_clip_i", "separation_dino"))
 
 
 def compare(frame: pd.DataFrame | None, claim: str, source: str, a: str, b: str, metrics) -> dict:

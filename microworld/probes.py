@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from microworld.concepts import WorldConcept, write_concepts
-from personalize.images import load_concept_images, load_masks
-from personalize.metrics import apply_mask, per_row_mean
+from personalize.images import load_concept_images
+from personalize.metrics import per_row_mean
 from personalize.prompts import load_prompt_set
 
 PROMPTS = "world_eval"
@@ -41,13 +41,16 @@ def attention_shares(frame: pd.DataFrame, steps: int) -> pd.Series:
 
 def subject_references(folder: Path, subjects: tuple[WorldConcept, ...], scorers) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """CLIP and identity features of each subject's own photos (foreground only), taken alone, not in the pair."""
-    manifest = write_concepts(folder, subjects)
+    from personalize.run_settings import ConceptSpec
+    from personalize.scoring import masked_references
+
+    folder = write_concepts(folder, subjects).parent
     references = {}
     for concept in subjects:
-        photos = load_concept_images(concept.id, manifest.parent / concept.id, resolution=0)
-        names = sorted(p.name for p in (manifest.parent / concept.id).iterdir())
-        masks = load_masks(concept.id, manifest.parent / f"{concept.id}-masks", names)
-        references[concept.id] = scorers.features([apply_mask(p, m) for p, m in zip(photos, masks)])
+        spec = ConceptSpec(id=concept.id, images=str(folder / concept.id), masks=str(folder / f"{concept.id}-masks"),
+                           super_category=concept.shape)
+        photos = load_concept_images(concept.id, spec.images, resolution=0)
+        references[concept.id] = scorers.features(masked_references(spec, photos))
     return references
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from microworld.claims import PAIR_BASELINE, PAIR_LABEL
 from microworld.concepts import CONCEPTS, write_concepts, write_pair
 from microworld.probes import attention_shares, subject_separation
 from personalize.config import load_method
@@ -20,10 +21,8 @@ from personalize.scaling import load_recipe_scale
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "microworld"
 PAIR_METHODS = ("disendiff",)  # several subjects from one image: trained on the two-subject photo
-# DisenDiff's baseline, Custom Diffusion, also trained on the two-subject photo with one modifier per subject and
-# DisenDiff's captions (its paper's comparison); its rows are labelled apart from its single-subject runs.
-PAIR_BASELINE = "custom_diffusion"
-PAIR_LABEL = " (two subjects)"
+# DisenDiff's baseline (claims.PAIR_BASELINE) trains on the two-subject photo with one modifier per subject and
+# DisenDiff's captions, as in DisenDiff's comparison.
 PAIR_BASELINE_OVERRIDES = {"placeholder.string": "<{concept}-{index}>", "placeholder.init": ["id:47629", "id:42170"],
                            "prompt": "photo of a {subjects}", "class_prior.prompt": "photo of {classes}"}
 

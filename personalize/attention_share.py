@@ -61,8 +61,10 @@ def subject_attention_share(run, prompts: list[str], seed: int, steps: int, guid
     tokenizer = components.tokenizer
     ids = tokenize(tokenizer, prompts).tolist()
     class_ids = [word_ids(tokenizer, word) for word in placeholders.super_categories]
-    words = [[p for p in word_positions(row, tokenizer.eos_token_id) if p not in class_word_positions(row, placeholders.ids, class_ids)]
-             for row in ids]
+    words = []
+    for row in ids:
+        class_words = class_word_positions(row, placeholders.ids, class_ids)
+        words.append([p for p in word_positions(row, tokenizer.eos_token_id) if p not in class_words])
     ph_ids = {i for subject in placeholders.ids for i in subject}
     placeholder = [[p for p in w if row[p] in ph_ids] for row, w in zip(ids, words)]
     store = MapAccumulator(CaptureSpec(), conditional_half=guidance_scale > 1.0)
