@@ -27,11 +27,12 @@ os.environ["PERSONALIZE_CACHE"] = os.environ["PERSONALIZE_TEST_SESSION_CACHE"]
 
 SESSION_RAY_FIXTURES = {"local_ray", "seaweedfs", "ray_with_s3"}
 # The modules whose tests start Ray (the session's, or a cluster or stack of their own). Under pytest-xdist one
-# worker runs them all, in order, first: on a small machine two Ray clusters side by side make each test several
-# times slower, and these tests set the suite's length. The other workers share the in-process tests.
+# worker runs them in order, from the start: they set the suite's length, and two Ray clusters side by side on a
+# small machine make each test several times slower. LATE_RAY_MODULES come last of all, as a second unit: the
+# worker that runs out of in-process tests first takes them while the first unit is still going (the other
+# worker's CPU is mostly free by then). They use no SeaweedFS (its ports are fixed) and nothing machine-wide.
 RAY_MODULES = {
     "tests/e2e/test_stack_job_browser.py",
-    "tests/microworld/test_quality_smoke.py",
     "tests/pipelines/test_bad_input_corpus.py",
     "tests/pipelines/test_batch.py",
     "tests/pipelines/test_cleanup.py",
@@ -40,8 +41,11 @@ RAY_MODULES = {
     "tests/pipelines/test_preflight_storage.py",
     "tests/pipelines/test_scale.py",
     "tests/pipelines/test_storage.py",
-    "tests/tuning/test_sweep.py",
     "tests/unit/test_quiet_terminal.py",
+}
+LATE_RAY_MODULES = {
+    "tests/microworld/test_quality_smoke.py",
+    "tests/tuning/test_sweep.py",
 }
 
 
@@ -49,22 +53,28 @@ def module_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
 
+def ray_unit(nodeid: str) -> str | None:
+    module = module_of(nodeid)
+    return "ray" if module in RAY_MODULES else "ray-late" if module in LATE_RAY_MODULES else None
+
+
 def pytest_collection_modifyitems(config, items):
     starts_ray = [item for item in items if SESSION_RAY_FIXTURES & set(item.fixturenames) or item.get_closest_marker("slow")]
-    unlisted = sorted({module_of(item.nodeid) for item in starts_ray} - RAY_MODULES)
+    unlisted = sorted({module_of(item.nodeid) for item in starts_ray} - RAY_MODULES - LATE_RAY_MODULES)
     if unlisted:
         raise pytest.UsageError(f"tests starting Ray in {unlisted}: add their modules to RAY_MODULES in tests/conftest.py")
-    items.sort(key=lambda item: module_of(item.nodeid) not in RAY_MODULES)
+    items.sort(key=lambda item: {"ray": 0, None: 1, "ray-late": 2}[ray_unit(item.nodeid)])
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's load balancing, with the Ray modules as one unit of work."""
+    """pytest-xdist's load balancing in collection order, with each group of Ray modules as one unit of work."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayModulesTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if module_of(nodeid) in RAY_MODULES else nodeid
+            return ray_unit(nodeid) or nodeid
 
+    config.option.loadscopereorder = False  # the order above, not the largest unit first
     return RayModulesTogether(config, log)
 
 
