@@ -217,18 +217,21 @@ class Batcher:
     """Draws training batches: instance variants with the method's prompt, plus class priors when asked."""
 
     def __init__(self, instances: LatentBank, placeholders: Placeholders, templates: list[str],
-                 priors: LatentBank | None = None, prior_mode: str = "concat", captions: list[str | None] | None = None):
+                 priors: LatentBank | None = None, prior_mode: str = "concat", captions: list[str | None] | None = None,
+                 augmentation_words: bool = True):
         self.instances = instances
         self.priors = priors
         self.placeholders = placeholders
         self.templates = templates
         self.prior_mode = prior_mode
         self.captions = captions  # per instance variant: its photo's caption file, which replaces the templates
+        self.augmentation_words = augmentation_words  # the variants' caption prefixes ("a far away ") or none
 
     def prompt(self, index: int, template: str) -> str:
         caption = self.captions[index] if self.captions else None
         text = caption.replace("{class}", "{super_category}") if caption else template
-        return self.instances.captions[index] + self.placeholders.fill(text)
+        prefix = self.instances.captions[index] if self.augmentation_words else ""
+        return prefix + self.placeholders.fill(text)
 
     def draw(self, batch_size: int, gen: torch.Generator, use_prior: bool) -> Batch:
         if not use_prior or self.priors is None:

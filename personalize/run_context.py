@@ -153,7 +153,8 @@ def prepare_run(spec: RunSpec, components: SDComponents | None = None, progress:
                             device, next(components.vae.parameters()).dtype)
     variant_captions = [captions[i // spec.latent_variants] for i in range(len(instances))] if any(captions) else None
     batcher = Batcher(instances, placeholders, templates(method.prompt), priors,
-                      method.class_prior.mode if method.class_prior else "concat", variant_captions)
+                      method.class_prior.mode if method.class_prior else "concat", variant_captions,
+                      method.augmentation_words)
     context = None
     if method.context_prompts:
         context = [i.template for i in load_prompt_set(context_set_for(method.context_prompts, concept.kind))]

@@ -6,7 +6,9 @@ smaller model trained at a higher learning rate needs larger steps to move: a mo
 optionally its stage length) is multiplied:
 
     {"lr": {"placeholder": 5, "unet.attn2": 10, "unet": 20}, "steps": {"unet": 2},
-     "prompt_sets": {"ti_object": "world_captions", "context": "world_context"}, "source": "how it was measured"}
+     "prompt_sets": {"ti_object": "world_captions", "context": "world_context"},
+     "prompts": {"photo of a {placeholder} {super_category}": "a photo of a {placeholder} {super_category}"},
+     "augmentation_words": false, "source": "how it was measured"}
 
 Keys are trainable selectors (`personalize.params.SELECTORS`); a key also covers the selectors below it
 (`unet.attn2` covers `unet.attn2.kv`). A stage takes the scale of its widest trainable (whole UNet, then
@@ -16,7 +18,10 @@ recipe before dotted overrides, so an override names the effective value.
 
 `prompt_sets` speaks the model's language: a model whose text encoder knows only its own caption grammar (the micro
 world) names the prompt sets that replace the papers' English ones: a training-caption set (`@ti_object`) by name,
-and `context` for CoRe's regularisation templates whatever the concept's kind.
+and `context` for CoRe's regularisation templates whatever the concept's kind. `prompts` says single templates
+(a method's training prompt, a stage's, a class-prior prompt) in the model's grammar, and `augmentation_words:
+false` trains augmented crops under the plain prompt (Custom Diffusion's "a far away" and "zoomed in" are words
+such a model never saw; the crops keep their loss mask).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class RecipeScale(BaseModel):
     lr: dict[str, float] = {}
     steps: dict[str, float] = {}
     prompt_sets: dict[str, str] = {}
+    prompts: dict[str, str] = {}  # a template as the method writes it -> the same in the model's grammar
+    augmentation_words: bool = True  # False: the model knows no words for an augmentation's zoom
     source: str = ""  # how the numbers were measured
 
     @staticmethod
@@ -93,6 +100,7 @@ def load_recipe_scale(model: str) -> RecipeScale | None:
         for table in ("lr", "steps") for key, value in getattr(scale, table).items() if value <= 0
     ]
     problems += _unknown_prompt_sets(scale.prompt_sets)
+    problems += _bad_templates(scale.prompts)
     if problems:
         raise ConfigError(path, problems)
     return scale
@@ -102,6 +110,9 @@ def describe_scale(scale: RecipeScale) -> str:
     """One line for people: what the model's recipe_scale.json changes."""
     parts = [f"lr x{v:g} {k}" for k, v in scale.lr.items()] + [f"steps x{v:g} {k}" for k, v in scale.steps.items()]
     parts += [f"prompts {k} -> {v}" for k, v in scale.prompt_sets.items()]
+    parts += [f"'{k}' -> '{v}'" for k, v in scale.prompts.items()]
+    if not scale.augmentation_words:
+        parts.append("no augmentation words")
     return f"recipes scaled by its {SCALE_FILE} ({'; '.join(parts)}); (xN) marks a scaled number"
 
 
@@ -111,6 +122,17 @@ def _unknown_prompt_sets(mapping: dict[str, str]) -> list[str]:
     known = set(available_prompt_sets())
     return [f"prompt_sets.{key}: unknown prompt set {value!r}; available: {', '.join(sorted(known))}"
             for key, value in mapping.items() if value not in known]
+
+
+def _bad_templates(mapping: dict[str, str]) -> list[str]:
+    """A template's replacement must fill the same fields: it is used wherever the original was."""
+    from string import Formatter
+
+    def fields(text: str) -> set[str]:
+        return {name for _, name, _, _ in Formatter().parse(text) if name is not None}
+
+    return [f"prompts: {before!r} -> {after!r} fills {sorted(fields(after))}, not {sorted(fields(before))}; a "
+            "template must keep its fields" for before, after in mapping.items() if fields(before) != fields(after)]
 
 
 def scaled_lengths(stage: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -148,13 +170,21 @@ def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[
         return stage
 
     def spoken(prompt: Any) -> Any:
+        if isinstance(prompt, list):
+            return [spoken(p) for p in prompt]
         if isinstance(prompt, str) and prompt.startswith("@") and prompt[1:] in scale.prompt_sets:
             return "@" + scale.prompt_sets[prompt[1:]]
+        if isinstance(prompt, str) and prompt in scale.prompts:
+            return scale.prompts[prompt]
         return prompt
 
     out = dict(raw_method)
     if "prompt" in out:
         out["prompt"] = spoken(out["prompt"])
+    if isinstance(out.get("class_prior"), dict) and "prompt" in out["class_prior"]:
+        out["class_prior"] = {**out["class_prior"], "prompt": spoken(out["class_prior"]["prompt"])}
+    if not scale.augmentation_words:
+        out["augmentation_words"] = False
     if out.get("context_prompts") is not None and "context" in scale.prompt_sets:
         out["context_prompts"] = scale.prompt_sets["context"]
     if isinstance(out.get("stages"), list):

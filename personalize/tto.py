@@ -38,7 +38,8 @@ def optimize_for_prompt(run: LoadedRun, template: str, steps: int | None = None,
     instances = LatentBank.load(run.run_dir / "instance_latents.safetensors")
     ctx = RunContext(
         spec=spec, components=run.components, placeholders=run.placeholders, class_ids=class_ids, instances=instances,
-        batcher=Batcher(instances, run.placeholders, [template]), context_templates=[template], device=run.device,
+        batcher=Batcher(instances, run.placeholders, [template], augmentation_words=spec.method.augmentation_words),
+        context_templates=[template], device=run.device,
         autocast_dtype=resolve_precision(spec.mixed_precision, run.device), prior_folder=None, subject=run.subject,
     )
     stage = test_time_stage(run, steps).model_copy(update={"prompt": template, "context_prompts": [template]})

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from personalize.cli import main
 from personalize.config import load_method, resolve_runs
 from personalize.errors import ConfigError
 from personalize.run_settings import ExperimentConfig
-from personalize.scaling import SCALE_FILE, RecipeScale, load_recipe_scale
+from personalize.scaling import SCALE_FILE, RecipeScale, describe_scale, load_recipe_scale
 
 WORLD_MODEL = Path(__file__).resolve().parents[2] / "models" / "microworld" / "model"
 
@@ -127,3 +128,42 @@ def test_steps_scale_moves_warmup_and_a_norm_lock_given_in_steps(tmp_path):
 
     stage = {"steps": 300, "warmup_steps": 10, "embedding_norm_lock": {"start": 120, "end": 180}}
     assert scaled_lengths(stage, 2.0) == {"steps": 600, "warmup_steps": 20, "embedding_norm_lock": {"start": 240, "end": 360}}
+
+
+def test_templates_and_augmentation_words_speak_the_models_grammar(tmp_path):
+    """Custom Diffusion's "photo of a <new1> star" and its class prompt, said as the model's captions say them; its
+    zoom words left out of the crops' prompts (the loss masks stay: the bank is the same)."""
+    write_scale(tmp_path, {"prompts": {"photo of a {placeholder} {super_category}": "a photo of a {placeholder} {super_category}",
+                                       "photo of a {super_category}": "a photo of a {super_category}"},
+                           "augmentation_words": False})
+    scale = load_recipe_scale(str(tmp_path))
+    spoken, paper = load_method("custom_diffusion", scale=scale), load_method("custom_diffusion")
+    assert (paper.prompt, paper.class_prior.prompt, paper.augmentation_words) == (
+        "photo of a {placeholder} {super_category}", "photo of a {super_category}", True)
+    assert (spoken.prompt, spoken.class_prior.prompt, spoken.augmentation_words) == (
+        "a photo of a {placeholder} {super_category}", "a photo of a {super_category}", False)
+    assert load_method("disendiff", scale=scale).prompt == "photo of a {subjects}"  # a template it does not name stays
+    assert "'photo of a {super_category}' -> 'a photo of a {super_category}'" in describe_scale(scale)
+    assert "no augmentation words" in describe_scale(scale)
+    write_scale(tmp_path, {"prompts": {"photo of a {placeholder} {super_category}": "a photo of a {placeholder}"}})
+    with pytest.raises(ConfigError, match=r"fills \['placeholder'\], not \['placeholder', 'super_category'\]"):
+        load_recipe_scale(str(tmp_path))
+
+
+def test_without_augmentation_words_a_crop_trains_under_the_plain_prompt():
+    from personalize.data import Batcher, LatentBank
+
+    class Fill:
+        def fill(self, template: str) -> str:
+            return template.format(placeholder="<c>", super_category="star")
+
+    bank = LatentBank(torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2), ["a far away ", "", "zoomed in "],
+                      torch.ones(3, 1, 2, 2), 1.0)
+    template = "a photo of a {placeholder} {super_category}"
+    worded, plain = Batcher(bank, Fill(), [template]), Batcher(bank, Fill(), [template], augmentation_words=False)
+    assert [worded.prompt(i, template) for i in range(3)] == [
+        "a far away a photo of a <c> star", "a photo of a <c> star", "zoomed in a photo of a <c> star"]
+    assert [plain.prompt(i, template) for i in range(3)] == ["a photo of a <c> star"] * 3
+    a = worded.draw(6, torch.Generator().manual_seed(0), use_prior=False)
+    b = plain.draw(6, torch.Generator().manual_seed(0), use_prior=False)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.masks, b.masks)  # the same crops and loss masks
