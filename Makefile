@@ -32,8 +32,8 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
 	  echo "warning: chromium is missing and could not be installed; the browser test will fail"
 
-# Two pytest-xdist workers: one runs the tests that start Ray, in order, the other the in-process tests
-# (RAY_MODULES in tests/conftest.py).
+# Two pytest-xdist workers: one runs the tests that start Ray, in order, the other the in-process tests, then a
+# second group of Ray tests (RAY_MODULES and LATE_RAY_MODULES in tests/conftest.py).
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --timeout=900 --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -185,6 +185,8 @@ class RunSpec(RunSettings):
         for option in ("masked_loss", "aspect_buckets"):  # added after runs were finished: hashed only when on
             if not payload[option]:
                 del payload[option]
+        if payload["method"]["augmentation_words"]:  # likewise, hashed only when the words are left out
+            del payload["method"]["augmentation_words"]
         for stage in payload["method"]["stages"] + ([payload["method"]["test_time"]] if payload["method"]["test_time"] else []):
             for key, default in HASHED_WHEN_SET.items():
                 if stage.get(key) == default:
