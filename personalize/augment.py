@@ -99,16 +99,19 @@ def flip(image: Image.Image, p: float, gen: torch.Generator) -> Image.Image:
 Augmentation = Callable[[Image.Image, "int | Size", int, torch.Generator], Variant]  # (photo, size, vae scale, generator)
 AUGMENTATIONS: dict[str, Augmentation] = {}
 ANY_SHAPE: set[str] = set()  # presets that also make non-square variants (aspect-ratio buckets)
+WORDED: set[str] = set()  # presets whose variants carry caption words ("a far away ")
 
 
-def augmentation(name: str, any_shape: bool = False):
+def augmentation(name: str, any_shape: bool = False, worded: bool = False):
     """Register a preset under the name a method's `augmentation:` key gives; `any_shape` if it takes a (width,
-    height) size as well as a square's side."""
+    height) size as well as a square's side; `worded` if its variants put words before the caption."""
 
     def add(fn: Augmentation) -> Augmentation:
         AUGMENTATIONS[name] = fn
         if any_shape:
             ANY_SHAPE.add(name)
+        if worded:
+            WORDED.add(name)
         return fn
 
     return add
@@ -145,7 +148,7 @@ def _attn(image: Image.Image, size: int | Size, vae_scale: int, gen: torch.Gener
     return Variant(to_tensor(random_crop(image, size, gen)), None)
 
 
-@augmentation("custom_diffusion")
+@augmentation("custom_diffusion", worded=True)
 def _custom_diffusion(image: Image.Image, size: int, vae_scale: int, gen: torch.Generator) -> Variant:
     return _random_rescale(flip(center_square(image), 0.5, gen), size, vae_scale, gen)
 

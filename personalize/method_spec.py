@@ -216,7 +216,7 @@ class MethodSpec(Strict):
     placeholder: PlaceholderSpec = PlaceholderSpec()
     prompt: str | list[str] = "a photo of a {placeholder} {super_category}"
     augmentation: str = "dreambooth"  # a preset registered in personalize/augment.py
-    augmentation_words: bool = True  # the preset's caption words for a zoomed crop ("a far away"); False: left out
+    augmentation_words: bool = True  # a worded preset's caption words ("a far away", "zoomed in"); False: left out
     class_prior: ClassPriorSpec | None = None
     context_prompts: str | None = None
     attention: AttentionSpec = AttentionSpec()

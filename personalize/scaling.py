@@ -109,10 +109,10 @@ def load_recipe_scale(model: str) -> RecipeScale | None:
 def describe_scale(scale: RecipeScale) -> str:
     """One line for people: what the model's recipe_scale.json changes."""
     parts = [f"lr x{v:g} {k}" for k, v in scale.lr.items()] + [f"steps x{v:g} {k}" for k, v in scale.steps.items()]
-    parts += [f"prompts {k} -> {v}" for k, v in scale.prompt_sets.items()]
-    parts += [f"'{k}' -> '{v}'" for k, v in scale.prompts.items()]
+    parts += [f"prompt set {k} -> {v}" for k, v in scale.prompt_sets.items()]
+    parts += [f"template '{k}' -> '{v}'" for k, v in scale.prompts.items()]
     if not scale.augmentation_words:
-        parts.append("no augmentation words")
+        parts.append("no words from an augmentation (custom_diffusion's 'a far away')")
     return f"recipes scaled by its {SCALE_FILE} ({'; '.join(parts)}); (xN) marks a scaled number"
 
 
@@ -128,11 +128,21 @@ def _bad_templates(mapping: dict[str, str]) -> list[str]:
     """A template's replacement must fill the same fields: it is used wherever the original was."""
     from string import Formatter
 
-    def fields(text: str) -> set[str]:
-        return {name for _, name, _, _ in Formatter().parse(text) if name is not None}
+    def fields(text: str) -> set[str] | None:
+        try:
+            return {name for _, name, _, _ in Formatter().parse(text) if name is not None}
+        except ValueError:  # an unbalanced brace
+            return None
 
-    return [f"prompts: {before!r} -> {after!r} fills {sorted(fields(after))}, not {sorted(fields(before))}; a "
-            "template must keep its fields" for before, after in mapping.items() if fields(before) != fields(after)]
+    problems = []
+    for before, after in mapping.items():
+        found = [fields(before), fields(after)]
+        if None in found:
+            problems.append(f"prompts: {before!r} -> {after!r}: a brace without its pair; write fields as {{name}}")
+        elif found[0] != found[1]:
+            problems.append(f"prompts: {before!r} -> {after!r} fills {sorted(found[1])}, not {sorted(found[0])}; a "
+                            "template must keep its fields")
+    return problems
 
 
 def scaled_lengths(stage: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -183,7 +193,9 @@ def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[
         out["prompt"] = spoken(out["prompt"])
     if isinstance(out.get("class_prior"), dict) and "prompt" in out["class_prior"]:
         out["class_prior"] = {**out["class_prior"], "prompt": spoken(out["class_prior"]["prompt"])}
-    if not scale.augmentation_words:
+    from personalize.augment import WORDED
+
+    if not scale.augmentation_words and out.get("augmentation") in WORDED:
         out["augmentation_words"] = False
     if out.get("context_prompts") is not None and "context" in scale.prompt_sets:
         out["context_prompts"] = scale.prompt_sets["context"]

@@ -142,12 +142,37 @@ def test_templates_and_augmentation_words_speak_the_models_grammar(tmp_path):
         "photo of a {placeholder} {super_category}", "photo of a {super_category}", True)
     assert (spoken.prompt, spoken.class_prior.prompt, spoken.augmentation_words) == (
         "a photo of a {placeholder} {super_category}", "a photo of a {super_category}", False)
+    assert load_method("custom_diffusion", {"augmentation_words": True}, scale).augmentation_words  # an override wins
     assert load_method("disendiff", scale=scale).prompt == "photo of a {subjects}"  # a template it does not name stays
-    assert "'photo of a {super_category}' -> 'a photo of a {super_category}'" in describe_scale(scale)
-    assert "no augmentation words" in describe_scale(scale)
+    dreambooth = load_method("dreambooth", scale=scale)  # its preset says no words: nothing to leave out
+    assert dreambooth.augmentation_words and dreambooth.prompt == load_method("dreambooth").prompt
+    assert "template 'photo of a {super_category}' -> 'a photo of a {super_category}'" in describe_scale(scale)
+    assert "no words from an augmentation" in describe_scale(scale)
     write_scale(tmp_path, {"prompts": {"photo of a {placeholder} {super_category}": "a photo of a {placeholder}"}})
     with pytest.raises(ConfigError, match=r"fills \['placeholder'\], not \['placeholder', 'super_category'\]"):
         load_recipe_scale(str(tmp_path))
+    write_scale(tmp_path, {"prompts": {"photo of a {placeholder": "a photo of a {placeholder}"}})
+    with pytest.raises(ConfigError, match="a brace without its pair"):
+        load_recipe_scale(str(tmp_path))
+
+
+def test_the_world_models_grammar_reaches_custom_diffusion_and_leaves_other_runs_hashes_alone(tmp_path, concept_dir):
+    world = load_recipe_scale(str(WORLD_MODEL))
+    custom = load_method("custom_diffusion", scale=world)
+    assert (custom.prompt, custom.class_prior.prompt, custom.augmentation_words) == (
+        "a photo of a {placeholder} {super_category}", "a photo of a {super_category}", False)
+
+    def hashes(scale: dict) -> dict[str, str]:
+        write_scale(tmp_path / "model", scale)
+        return {method: resolve_runs(ExperimentConfig(
+            model=str(tmp_path / "model"), method=method, output_dir=str(tmp_path / "runs"),
+            concepts=[{"id": "c", "images": str(concept_dir), "super_category": "star"}]))[0].config_hash()
+            for method in ("dreambooth", "textual_inversion", "core", "attndreambooth", "custom_diffusion")}
+
+    spoken = json.loads((WORLD_MODEL / SCALE_FILE).read_text())
+    before = hashes({k: v for k, v in spoken.items() if k not in ("prompts", "augmentation_words")})  # runs' hashes before
+    after = hashes(spoken)
+    assert {m for m in after if after[m] != before[m]} == {"custom_diffusion"}
 
 
 def test_without_augmentation_words_a_crop_trains_under_the_plain_prompt():
