@@ -29,9 +29,9 @@ SESSION_RAY_FIXTURES = {"local_ray", "seaweedfs", "ray_with_s3"}
 # The modules whose tests start Ray (the session's, or a cluster or stack of their own). Under pytest-xdist one
 # worker runs them in order, from the start: they set the suite's length. LATE_RAY_MODULES come last of all, as a
 # second unit, which the worker that runs out of in-process tests takes while the first unit is still going. Two
-# Ray clusters side by side on 2 cores slow each other (a sweep 62 -> 121 s), but the suite ends sooner than with
-# that worker idle for the last ten minutes (990 s against 1,105 s). The late modules use no SeaweedFS (its ports
-# are fixed) and look at no process outside their own.
+# Ray clusters side by side on 2 cores slow each other (a sweep 62 -> 90 to 176 s), but the suite ends sooner than
+# with that worker idle for the last ten minutes (990 to 1,151 s against 1,086 to 1,262 s). The late modules use no
+# SeaweedFS (its ports are fixed) and look at no process outside their own.
 RAY_MODULES = {
     "tests/e2e/test_stack_job_browser.py",
     "tests/pipelines/test_bad_input_corpus.py",
