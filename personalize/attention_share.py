@@ -4,9 +4,10 @@ At every image position, cross-attention spreads one unit of probability over th
 counts only the placeholder and the context words (start-of-text, end-of-text and padding left out, since they
 soak up most of the mass whatever the prompt says; the class word right after the placeholder too, so that
 "a photo of <V> in the snow" and "a photo of sks star in the snow" compare over the same words) and measures
-what part of it lands on the placeholder's tokens, averaged over positions, layers, denoising steps and prompts. AttnDreamBooth (its introduction) observes that Textual
-Inversion "overfits the textual embedding": the learned token takes the attention that context words ("drawing",
-"box") should get, so its share is high; DreamBooth overlooks the new token, so its share is low.
+what part of it lands on the placeholder's tokens, averaged over positions, layers, denoising steps and prompts.
+AttnDreamBooth (its introduction) observes that Textual Inversion "overfits the textual embedding": the learned
+token takes the attention that context words ("drawing", "box") should get, so its share is high; DreamBooth
+overlooks the new token, so its share is low.
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[
     """A raw method dict (as read from its YAML) with every stage's lr and steps multiplied by the model's scale.
     Each scaled stage records the factors it got (`model_lr_scale`, `model_steps_scale`), so the resolved config holds the
     effective numbers and says how they came from the paper's."""
+    from personalize.augment import WORDED
+
     if scale is None:
         return raw_method
 
@@ -193,8 +195,6 @@ def scale_recipe(raw_method: dict[str, Any], scale: RecipeScale | None) -> dict[
         out["prompt"] = spoken(out["prompt"])
     if isinstance(out.get("class_prior"), dict) and "prompt" in out["class_prior"]:
         out["class_prior"] = {**out["class_prior"], "prompt": spoken(out["class_prior"]["prompt"])}
-    from personalize.augment import WORDED
-
     if not scale.augmentation_words and out.get("augmentation") in WORDED:
         out["augmentation_words"] = False
     if out.get("context_prompts") is not None and "context" in scale.prompt_sets:
