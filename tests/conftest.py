@@ -28,10 +28,11 @@ os.environ["PERSONALIZE_CACHE"] = os.environ["PERSONALIZE_TEST_SESSION_CACHE"]
 SESSION_RAY_FIXTURES = {"local_ray", "seaweedfs", "ray_with_s3"}
 # The modules whose tests start Ray (the session's, or a cluster or stack of their own). Under pytest-xdist one
 # worker runs them in order, from the start: they set the suite's length. LATE_RAY_MODULES come last of all, as a
-# second unit, which the worker that runs out of in-process tests takes while the first unit is still going. Two
-# Ray clusters side by side on 2 cores slow each other (a sweep 62 -> 90 to 176 s), but the suite ends sooner than
-# with that worker idle for the last ten minutes (990 to 1,151 s against 1,086 to 1,262 s). The late modules use no
-# SeaweedFS (its ports are fixed) and look at no process outside their own.
+# second unit, which the worker that runs out of in-process tests takes while the first unit is still going: two
+# Ray clusters side by side on 2 cores slow each other, but the suite ends sooner than with that worker idle. Only
+# the quality smoke (one batch) runs there: with the sweeps there too, a resumed sweep's trial once hung for its
+# whole 600 s timeout beside the other cluster. The late modules use no SeaweedFS (its ports are fixed) and look at
+# no process outside their own.
 RAY_MODULES = {
     "tests/e2e/test_stack_job_browser.py",
     "tests/pipelines/test_bad_input_corpus.py",
@@ -42,11 +43,11 @@ RAY_MODULES = {
     "tests/pipelines/test_preflight_storage.py",
     "tests/pipelines/test_scale.py",
     "tests/pipelines/test_storage.py",
+    "tests/tuning/test_sweep.py",
     "tests/unit/test_quiet_terminal.py",
 }
 LATE_RAY_MODULES = {
     "tests/microworld/test_quality_smoke.py",
-    "tests/tuning/test_sweep.py",
 }
 
 
