@@ -1,7 +1,8 @@
-"""Held-out subjects to personalise: appearances the training world never shows (a pattern in a second
-colour, a ring or eyes), photographed 4-6 times in varied poses and scenes. Their super-category is their
-shape noun, which the base model knows. Subjects with eyes count as animate-like. Each also has held-out
-photos, never trained on: the ceiling its identity scores are read against."""
+"""Held-out subjects to personalise, photographed 4-6 times in varied poses and scenes. Each is made of what the
+base model can draw (a shape, a colour, a pattern in white or a second colour) plus a mark the training world
+never shows (a ring or eyes), which only fine-tuning can teach. Their super-category is their shape noun, which
+the base model knows. Subjects with eyes count as animate-like. Each also has held-out photos, never trained on:
+the ceiling its identity scores are read against."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ class WorldConcept:
 
 
 CONCEPTS = (
-    WorldConcept("zebra-star", "star", "yellow", "striped", "purple", "none"),
-    WorldConcept("berry-heart", "heart", "pink", "dotted", "green", "none"),
+    WorldConcept("zebra-star", "star", "yellow", "striped", "purple", "ring"),
+    WorldConcept("berry-heart", "heart", "pink", "dotted", "green", "ring"),
     WorldConcept("target-circle", "circle", "blue", "plain", None, "ring"),
-    WorldConcept("candy-cross", "cross", "red", "striped", "blue", "none"),
+    WorldConcept("candy-cross", "cross", "red", "striped", "blue", "ring"),
     WorldConcept("tile-square", "square", "orange", "checked", "purple", "ring"),
     WorldConcept("owl-hexagon", "hexagon", "brown", "checked", "orange", "eye"),
     WorldConcept("frog-diamond", "diamond", "green", "dotted", "yellow", "eye"),

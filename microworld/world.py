@@ -1,8 +1,9 @@
 """A small procedural world: coloured, patterned shapes in scenes, drawn deterministically from a seed, with
 captions from one grammar ("a photo of a red striped star on the beach") that parse back into their labels.
 
-Training objects carry one colour; their pattern is drawn in white. Held-out concepts (concepts.py) use a
-second colour for the pattern or a compound mark, which the training distribution never shows.
+Training objects carry one colour, and their pattern is drawn in white or in a second colour ("a yellow and purple
+striped star"), so a base model can draw two colours on one object. Held-out concepts (concepts.py) each carry a
+compound mark (a ring or eyes) that the training distribution never shows.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Thing:
     shape: str
     colour: str
     pattern: str = "plain"
-    pattern_colour: str | None = None  # None: white (the training world); a colour name: held-out concepts
+    pattern_colour: str | None = None  # None: white; a colour name: the pattern in that colour
     mark: str = "none"
     size: float = 0.55  # fraction of the image
     x: float = 0.5
@@ -252,16 +253,21 @@ class Caption:
     pattern: str | None = None
     shape: str | None = None
     scene: str | None = None
+    pattern_colour: str | None = None  # stated only for a pattern in a colour (white goes unsaid)
     extra: dict = field(default_factory=dict)
 
 
 def caption(scene: Scene, keep_colour=True, keep_pattern=True, keep_scene=True) -> str:
-    """'a photo of a red striped star on the beach'; plain objects say no pattern word."""
+    """'a photo of a red striped star on the beach', 'a photo of a red and blue striped star'; plain objects say no
+    pattern word, a white pattern no second colour. Leaving out the colour or the pattern leaves out the pattern's
+    colour too."""
     t = scene.thing
     words = []
     if keep_colour:
         words.append(t.colour)
     if keep_pattern and t.pattern != "plain":
+        if keep_colour and t.pattern_colour:
+            words += ["and", t.pattern_colour]
         words.append(t.pattern)
     words.append(t.shape)
     text = f"{STYLES[scene.style]} {article(words[0])} {' '.join(words)}"
@@ -270,22 +276,27 @@ def caption(scene: Scene, keep_colour=True, keep_pattern=True, keep_scene=True) 
 
 _STYLE_RE = "|".join(re.escape(v) for v in sorted(STYLES.values(), key=len, reverse=True))
 _SCENE_RE = "|".join(re.escape(v) for v in SCENES.values())
+_COLOUR_RE = "|".join(COLOURS)
 CAPTION_RE = re.compile(
-    rf"^(?P<style>{_STYLE_RE}) an? (?:(?P<colour>{'|'.join(COLOURS)}) )?(?:(?P<pattern>{'|'.join(PATTERNS[1:])}) )?"
+    rf"^(?P<style>{_STYLE_RE}) an? (?:(?P<colour>{_COLOUR_RE}) )?"
+    rf"(?:(?:and (?P<pattern_colour>{_COLOUR_RE}) )?(?P<pattern>{'|'.join(PATTERNS[1:])}) )?"
     rf"(?P<shape>{'|'.join(SHAPES)})(?: (?P<scene>{_SCENE_RE}))?$"
 )
 
 
 def parse_caption(text: str) -> Caption:
     m = CAPTION_RE.match(text)
-    if not m:
+    if not m or (m["pattern_colour"] and (not m["colour"] or m["pattern_colour"] == m["colour"])):
         raise ValueError(f"not a world caption: {text!r}")
     style = {v: k for k, v in STYLES.items()}[m["style"]]
     scene = {v: k for k, v in SCENES.items()}[m["scene"]] if m["scene"] else None
-    return Caption(style, m["colour"], m["pattern"] or ("plain" if m["colour"] else None), m["shape"], scene)
+    return Caption(style, m["colour"], m["pattern"] or ("plain" if m["colour"] else None), m["shape"], scene, m["pattern_colour"])
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+
+
+WHITE_PATTERN_SHARE = 0.4  # of patterned training objects; the rest have their pattern in a second colour
 
 
 def random_thing(rng: random.Random, **fixed) -> Thing:
@@ -294,11 +305,16 @@ def random_thing(rng: random.Random, **fixed) -> Thing:
         size=rng.uniform(0.42, 0.7), x=rng.uniform(0.35, 0.65), y=rng.uniform(0.45, 0.62), angle=rng.uniform(-25, 25),
     )
     values.update(fixed)
+    if "pattern_colour" not in fixed:  # drawn last, so that a fixed pattern colour keeps the poses of the stream
+        others = [c for c in COLOURS if c != values["colour"]]
+        second = rng.choice(others) if rng.random() >= WHITE_PATTERN_SHARE else None
+        values["pattern_colour"] = second if values["pattern"] != "plain" else None
     return Thing(**values)
 
 
 def random_scene(seed: int, style_weights=(0.7, 0.1, 0.1, 0.1), **fixed_thing) -> Scene:
-    """One training picture: a training-world object (white pattern, no mark) in a random scene and style."""
+    """One training picture: a training-world object (a white or coloured pattern, no mark) in a random scene and
+    style."""
     rng = random.Random(seed)
     style = rng.choices(list(STYLES), weights=style_weights)[0]
     return Scene(random_thing(rng, **fixed_thing), rng.choice(list(SCENES)), style, seed=rng.randrange(1 << 30))

@@ -1,5 +1,5 @@
-"""The micro world: a deterministic renderer whose captions parse back into their labels, held-out concepts
-the training distribution never shows."""
+"""The micro world: a deterministic renderer whose captions parse back into their labels, two-colour training
+objects, held-out concepts each with a mark the training distribution never shows."""
 
 import random
 
@@ -39,7 +39,7 @@ def test_captions_parse_back_into_their_labels():
         scene = random_scene(seed)
         t = scene.thing
         full = parse_caption(caption(scene))
-        assert full == Caption(scene.style, t.colour, t.pattern, t.shape, scene.scene)
+        assert full == Caption(scene.style, t.colour, t.pattern, t.shape, scene.scene, t.pattern_colour)
         short = parse_caption(training_caption(scene, rng))
         assert short.shape == t.shape and short.style == scene.style
         assert short.colour in (None, t.colour) and short.scene in (None, scene.scene)
@@ -48,16 +48,38 @@ def test_captions_parse_back_into_their_labels():
         parse_caption("a photo of a dog")
 
 
-def test_held_out_concepts_look_like_nothing_in_training():
+def test_two_colour_captions_name_the_pattern_colour_only_beside_the_body_colour():
+    thing = random_scene(1).thing.__class__("star", "yellow", "striped", "purple")
+    scene = Scene(thing, "beach")
+    assert caption(scene) == "a photo of a yellow and purple striped star on the beach"
+    assert caption(scene, keep_colour=False) == "a photo of a striped star on the beach"
+    assert caption(scene, keep_pattern=False) == "a photo of a yellow star on the beach"
+    assert parse_caption("a sketch of an orange and blue dotted heart") == Caption("sketch", "orange", "dotted", "heart", None, "blue")
+    for wrong in ("a photo of a red and red striped star", "a photo of an and blue striped star", "a photo of a red and blue star"):
+        with pytest.raises(ValueError):
+            parse_caption(wrong)
+
+
+def test_training_objects_draw_patterns_in_white_or_a_second_colour_and_never_a_mark():
+    things = [random_scene(s).thing for s in range(2000)]
+    patterned = [t for t in things if t.pattern != "plain"]
+    coloured = [t for t in patterned if t.pattern_colour]
+    assert all(t.pattern_colour is None for t in things if t.pattern == "plain")
+    assert all(t.pattern_colour != t.colour for t in coloured)
+    assert 0.5 < len(coloured) / len(patterned) < 0.7  # 60 % of patterns in a second colour, the rest white
+    assert {t.pattern_colour for t in coloured} == set(COLOURS)
+    assert all(t.mark == "none" for t in things)
+
+
+def test_every_held_out_concept_carries_a_mark_no_training_object_has():
     assert len(CONCEPTS) >= 8 and {c.kind for c in CONCEPTS} == {"object", "animate"}
     for concept in CONCEPTS:
-        assert concept.pattern_colour is not None or concept.mark != "none"  # training objects have neither
+        assert concept.mark != "none"
         assert concept.shape in SHAPES
         shots = photos(concept, 5)
         assert len({s.scene for s in shots}) == 5 and len({s.thing.angle for s in shots}) == 5
         assert all(s.thing.shape == concept.shape and s.thing.pattern_colour == concept.pattern_colour for s in shots)
-    training = [random_scene(s).thing for s in range(500)]
-    assert all(t.pattern_colour is None and t.mark == "none" for t in training)
+        assert all(s.thing.mark == concept.mark for s in shots)
 
 
 def test_written_concepts_load_as_a_manifest_with_masks(tmp_path):
