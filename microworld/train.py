@@ -57,6 +57,7 @@ class Plan:
     base_batch: int = 32
     base_lr: float = 5e-4
     clip_batch: int = 256
+    clip_lr: float = 1e-3
 
     def scaled(self, k: float) -> Plan:
         return replace(self, images=max(512, int(self.images * k)), vae_minutes=self.vae_minutes * k,
@@ -125,12 +126,27 @@ def encode_all(vae, pixels: torch.Tensor, device: torch.device) -> tuple[torch.T
 # ---------------------------------------------------------------------------------------------- text-to-image
 
 
+def earlier_base(folder: Path) -> tuple:
+    """The text encoder and UNet of an earlier run's pipeline folder, in fp32, to continue training from."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
+
+
 def train_base(mean, std, captions, scaling: float, minutes: float, device: torch.device, log: Log, arch: WorldArch,
-               batch: int = 32, lr: float = 5e-4):
-    """Text encoder + UNet, jointly, with the objective the scheduler names (v-prediction for the world model)."""
+               batch: int = 32, lr: float = 5e-4, start_from: Path | None = None):
+    """Text encoder + UNet, jointly, with the objective the scheduler names (v-prediction for the world model);
+    from scratch, or continuing an earlier run's pair (`start_from`, a pipeline folder)."""
     torch.manual_seed(2)
     tokenizer = clip_tokenizer()
-    text_encoder, unet = world_text_encoder(arch).to(device), world_unet(arch).to(device)
+    if start_from:
+        text_encoder, unet = earlier_base(start_from)
+        text_encoder, unet = text_encoder.to(device).train(), unet.to(device).train()
+        log.say("base", f"continuing from {start_from}")
+    else:
+        text_encoder, unet = world_text_encoder(arch).to(device), world_unet(arch).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     scheduler = DDPMScheduler.from_config(world_scheduler().config)
@@ -168,7 +184,8 @@ def train_base(mean, std, captions, scaling: float, minutes: float, device: torc
                            "unet_params": sum(p.numel() for p in unet.parameters()),
                            "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
                            "ema_decay": 0.999, "caption_dropout": 0.1, "lr": lr,
-                           "prediction_type": scheduler.config.prediction_type}
+                           "prediction_type": scheduler.config.prediction_type,
+                           **({"continued_from": str(start_from)} if start_from else {})}
     log.say("base", f"done: {step + 1} steps, loss {float(loss_value):.4f}")
     return tokenizer, ema_text.eval(), ema.eval()
 
@@ -192,19 +209,25 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, folder: Path) -> Path:
 
 
 def train_clip(pixels: torch.Tensor, captions: list[str], short_captions: list[str], minutes: float, device: torch.device,
-               log: Log, batch: int = 256):
+               log: Log, batch: int = 256, lr: float = 1e-3, start_from: Path | None = None):
     """Contrastive training; each picture is paired with its full caption or, half the time, its training caption
     (colour, pattern or scene sometimes left out) so that short prompts embed well too. Pictures whose captions
-    are identical are positives of each other."""
+    are identical are positives of each other. `start_from`: an earlier run's clip folder to continue from."""
     torch.manual_seed(4)
-    model = world_clip().to(device)
+    model = world_clip()
+    if start_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(start_from / "open_clip_model.safetensors").items()})
+        log.say("clip", f"continuing from {start_from}")
+    model = model.to(device)
     tokenizer = clip_tokenizer()
     full, short = tokenize(tokenizer, captions).to(device), tokenize(tokenizer, short_captions).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     loss_value, rng = RunningMean(0.98), torch.Generator(device).manual_seed(5)
     for step, used in budget_loop(minutes, 10):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, used, 100, 1e-3)
+            g["lr"] = cosine_lr(step, used, 100, lr)
         idx = torch.randint(len(pixels), (batch,), generator=rng, device=device)
         ids = torch.where((torch.rand(batch, generator=rng, device=device) < 0.5)[:, None], short[idx], full[idx])
         image = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
@@ -222,7 +245,8 @@ def train_clip(pixels: torch.Tensor, captions: list[str], short_captions: list[s
         if step % 50 == 0:
             log.say("clip", f"step {step} loss {float(loss_value):.4f}")
     log.records["clip"] = {"steps": step + 1, "batch": batch, "final_loss": round(float(loss_value), 5), "minutes": minutes,
-                           "captions": "full or training caption, half each"}
+                           "captions": "full or training caption, half each", "lr": lr,
+                           **({"continued_from": str(start_from)} if start_from else {})}
     log.say("clip", f"done: {step + 1} steps, loss {float(loss_value):.4f}")
     return model.eval()
 
@@ -301,6 +325,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every time budget and the data size")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--vae-from", help="reuse the VAE of an earlier run's pipeline folder instead of training one")
+    parser.add_argument("--base-from", help="continue the text encoder and UNet of an earlier run's pipeline folder")
+    parser.add_argument("--clip-from", help="continue the world CLIP of an earlier run's clip folder")
     parser.add_argument("--parts", nargs="+", default=["base", "clip", "identity"], choices=["base", "clip", "identity"])
     for f in fields(Plan):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), help=f"override the plan's {f.name}")
@@ -336,14 +362,16 @@ def main() -> None:
         vae = vae.to(device)
         mean, std = encode_all(vae, pixels, device)
         tokenizer, text_encoder, unet = train_base(mean, std, captions, scaling, plan.base_minutes, device, log, arch,
-                                                   plan.base_batch, plan.base_lr)
+                                                   plan.base_batch, plan.base_lr,
+                                                   Path(args.base_from) if args.base_from else None)
         save_pipeline(vae.float().cpu(), text_encoder.cpu(), unet.cpu(), tokenizer, out / "model")
         log.records["base"]["data"] = data
         record("base", *([] if args.vae_from else ["vae"]))
     if "clip" in args.parts:
         from personalize.metrics import save_open_clip
 
-        clip = train_clip(pixels, full_captions, captions, plan.clip_minutes, device, log, plan.clip_batch)
+        clip = train_clip(pixels, full_captions, captions, plan.clip_minutes, device, log, plan.clip_batch, plan.clip_lr,
+                          Path(args.clip_from) if args.clip_from else None)
         save_open_clip(clip.cpu().half(), CLIP_CONFIG, out / "clip", CLIP_PREPROCESS)
         log.records["clip"]["data"] = data
         record("clip")
