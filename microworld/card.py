@@ -13,13 +13,19 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from microworld.checks import identity_retrieval, prompt_following, zero_shot_accuracy
+from microworld.checks import (
+    identity_retrieval,
+    pattern_colour_accuracy,
+    pattern_colour_following,
+    prompt_following,
+    zero_shot_accuracy,
+)
 from personalize.metrics import ClipScorer, DinoScorer
 from personalize.sampling import generate, image_grid
 
 GRID_PROMPTS = [
     "a photo of a red star on the beach", "a photo of a blue striped square in the snow", "a photo of a yellow heart at night",
-    "a photo of a green dotted circle on the grass", "a photo of a purple checked triangle on a table",
+    "a photo of a green and yellow dotted circle on the grass", "a photo of a purple and orange checked triangle on a table",
     "a photo of an orange hexagon in the water", "a sketch of a pink cross", "a blurry photo of a brown diamond",
 ]
 
@@ -48,6 +54,14 @@ def vae_origin(record: dict) -> str:
     return f" (reused from {record['reused_from']})" if record.get("reused_from") else ""
 
 
+def continuations(record: dict) -> list[str]:
+    """Lines saying which parts continued an earlier run's weights rather than starting from scratch."""
+    parts = {"base": "The text encoder and UNet continue", "clip": "The world CLIP continues"}
+    lines = [f"{name} `{record[part]['continued_from']}` (the earlier run's weights, trained further on this "
+             "world's pictures)." for part, name in parts.items() if record.get(part, {}).get("continued_from")]
+    return ["", *lines] if lines else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="models/microworld")
@@ -62,6 +76,8 @@ def main() -> None:
     image_grid(images, len(seeds), GRID_PROMPTS).resize((len(seeds) * 128, len(GRID_PROMPTS) * (128 + 24))).save(root / "samples.png")
     zero_shot = zero_shot_accuracy(clip)
     following, _ = prompt_following(pipe, clip, per_colour=4)
+    following["pattern_colour"] = pattern_colour_following(pipe, clip, count=24)
+    zero_shot["pattern_colour"] = pattern_colour_accuracy(clip)
     retrieval = {"identity encoder": identity_retrieval(identity), "world CLIP": identity_retrieval(clip)}
     measured = {"vae_reconstruction_mse": round(reconstruction_mse(pipe.vae), 5), "zero_shot": zero_shot, "prompt_following": following, "identity_retrieval": retrieval, "files_mb": sizes(root)}
     (root / "measurements.json").write_text(json.dumps(measured, indent=1))
@@ -70,15 +86,18 @@ def main() -> None:
     lines = [
         "# Micro-world models",
         "",
-        "Trained from scratch by this project on procedurally rendered pictures (`microworld/world.py`: 8 shapes, 8",
+        "Trained by this project on procedurally rendered pictures (`microworld/world.py`: 8 shapes, 8",
         "colours, 4 patterns, 6 scenes, 4 styles, 64x64), so that personalization quality can be measured offline.",
         "",
         "Made by these runs (each part's record in `training.json` names its run):",
         "",
         *[f"- `{command}`: {run['device']}, {run['wall_minutes']} min" for command, run in record.get("runs", {}).items()],
+        *continuations(record),
         "",
         f"Data: {base.get('data', {}).get('images')} rendered pictures, seed {base.get('data', {}).get('seed')}; training captions drop the",
         "colour (10 %), pattern (20 %) or scene (15 %) so that short prompts work; 10 % empty captions for guidance.",
+        "Patterns are white (40 %) or in a second colour (\"a red and blue striped star\"); no training picture has a",
+        "mark (ring or eyes): those belong to the held-out concepts only.",
         "",
         "## model/ (a Stable Diffusion pipeline in diffusers format)",
         "",
@@ -97,7 +116,9 @@ def main() -> None:
         "`StableDiffusionPipeline.from_pretrained(\"models/microworld/model\")`.",
         "",
         f"Prompt following (DDIM 25 steps, guidance 5, {following['images']} prompts over all 8 colours), judged by the world",
-        f"CLIP: **colour {following['colour']:.0%}**, scene {following['scene']:.0%} (chance 12.5 % / 16.7 %).",
+        f"CLIP: **colour {following['colour']:.0%}**, scene {following['scene']:.0%} (chance 12.5 % / 16.7 %). Two-colour prompts",
+        "(\"a photo of a yellow and purple striped star ...\", 24 prompts): the pattern in the prompted second colour",
+        f"{following['pattern_colour']:.0%} (chance 14 %, judged among the 7 colours other than the body's).",
         "",
         "![samples](samples.png)",
         "",
@@ -107,7 +128,7 @@ def main() -> None:
         f"{record.get('clip', {}).get('steps')} steps at batch {record.get('clip', {}).get('batch')}, final loss "
         f"{record.get('clip', {}).get('final_loss')}.",
         f"Zero-shot accuracy on 240 fresh photos: **colour {zero_shot['colour']:.0%}, shape {zero_shot['shape']:.0%}, "
-        f"scene {zero_shot['scene']:.0%}**.",
+        f"scene {zero_shot['scene']:.0%}**; the pattern's second colour on 120 two-colour photos {zero_shot['pattern_colour']:.0%}.",
         "",
         "## identity/ (a transformers ViT, loads with `DinoScorer(\"models/microworld/identity\")`)",
         "",

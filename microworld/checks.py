@@ -8,7 +8,13 @@ import random
 import torch
 
 from microworld.concepts import CONCEPTS, photos
-from microworld.world import COLOURS, SCENES, SHAPES, STYLES, Scene, random_thing, render
+from microworld.world import COLOURS, PATTERNS, SCENES, SHAPES, STYLES, Scene, article, random_thing, render
+
+
+def text_head(clip, prompts: dict[str, list[str]]) -> tuple[list[str], torch.Tensor]:
+    """Labels and their unit text features, each the mean over the label's prompt ensemble."""
+    feats = [torch.nn.functional.normalize(clip.text_features(p).mean(0), dim=-1) for p in prompts.values()]
+    return list(prompts), torch.stack(feats)
 
 
 class ZeroShot:
@@ -17,15 +23,10 @@ class ZeroShot:
     def __init__(self, clip):
         self.clip = clip
         self.heads = {
-            "colour": self._head({c: [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s in SHAPES] for c in COLOURS}),
-            "shape": self._head({s: [f"a photo of a {c} {s}" for c in ("red", "blue", "green", "yellow")] for s in SHAPES}),
-            "scene": self._head({k: [f"a photo of a {s} {v}" for s in SHAPES] for k, v in SCENES.items()}),
+            "colour": text_head(clip, {c: [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s in SHAPES] for c in COLOURS}),
+            "shape": text_head(clip, {s: [f"a photo of a {c} {s}" for c in ("red", "blue", "green", "yellow")] for s in SHAPES}),
+            "scene": text_head(clip, {k: [f"a photo of a {s} {v}" for s in SHAPES] for k, v in SCENES.items()}),
         }
-
-    def _head(self, prompts: dict[str, list[str]]) -> tuple[list[str], torch.Tensor]:
-        labels = list(prompts)
-        feats = torch.stack([torch.nn.functional.normalize(self.clip.text_features(p).mean(0), dim=-1) for p in prompts.values()])
-        return labels, feats
 
     def predict(self, images, attribute: str) -> list[str]:
         labels, feats = self.heads[attribute]
@@ -41,6 +42,52 @@ def zero_shot_accuracy(clip, count: int = 240, seed: int = 12345) -> dict[str, f
     truth = {"colour": [s.thing.colour for s in scenes], "shape": [s.thing.shape for s in scenes],
              "scene": [s.scene for s in scenes]}
     return {k: sum(p == t for p, t in zip(zs.predict(images, k), truth[k])) / count for k in truth}
+
+
+def pattern_colour_prompts(body: str, pattern: str, shape: str) -> dict[str, list[str]]:
+    """For an object whose body colour, pattern and shape are known: one prompt per candidate pattern colour."""
+    return {c: [f"a photo of {article(body)} {body} and {c} {pattern} {shape}"] for c in COLOURS if c != body}
+
+
+def pattern_colours(clip, images, things) -> list[str]:
+    """The pattern colour of each picture, chosen among the seven colours other than its body colour, with the
+    body colour, pattern and shape given (so only the second colour is being judged; chance 1/7)."""
+    out = []
+    for f, (body, pattern, shape) in zip(clip.image_features(images), things):
+        labels, text = text_head(clip, pattern_colour_prompts(body, pattern, shape))
+        out.append(labels[int((text @ f).argmax())])
+    return out
+
+
+def pattern_colour_accuracy(clip, count: int = 120, seed: int = 12346) -> float:
+    """Zero-shot pattern-colour accuracy on fresh photos of objects whose pattern has a second colour."""
+    rng = random.Random(seed)
+    scenes = []
+    for _ in range(count):
+        colour = rng.choice(list(COLOURS))
+        second = rng.choice([c for c in COLOURS if c != colour])
+        thing = random_thing(rng, colour=colour, pattern=rng.choice(PATTERNS[1:]), pattern_colour=second)
+        scenes.append(Scene(thing, rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)))
+    things = [(s.thing.colour, s.thing.pattern, s.thing.shape) for s in scenes]
+    predicted = pattern_colours(clip, [render(s) for s in scenes], things)
+    return sum(p == s.thing.pattern_colour for p, s in zip(predicted, scenes)) / count
+
+
+def pattern_colour_following(pipe, clip, count: int = 16, steps: int = 25, seed: int = 0) -> float:
+    """Generate 'a photo of a yellow and purple striped star ...' prompts; the share whose pattern the world CLIP
+    judges to be in the prompted second colour."""
+    from personalize.sampling import generate
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        colour = rng.choice(list(COLOURS))
+        second, pattern, shape = rng.choice([c for c in COLOURS if c != colour]), rng.choice(PATTERNS[1:]), rng.choice(SHAPES)
+        prompt = f"{STYLES['photo']} {article(colour)} {colour} and {second} {pattern} {shape} {SCENES[rng.choice(list(SCENES))]}"
+        rows.append((prompt, second, (colour, pattern, shape)))
+    images = generate(pipe, [r[0] for r in rows], list(range(count)), 64, steps=steps, guidance_scale=5.0)
+    predicted = pattern_colours(clip, images, [r[2] for r in rows])
+    return sum(p == r[1] for p, r in zip(predicted, rows)) / count
 
 
 def following_prompts(per_colour: int = 2, seed: int = 0) -> list[tuple[str, str, str]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from microworld.checks import identity_retrieval, prompt_following, zero_shot_accuracy
+from microworld.checks import identity_retrieval, pattern_colour_accuracy, prompt_following, zero_shot_accuracy
 from personalize.metrics import ClipScorer, DinoScorer
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "microworld"
@@ -42,15 +42,20 @@ def test_samples_follow_their_prompts(clip):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     scores, _ = prompt_following(pipe, clip, per_colour=4, steps=25)
-    # the committed model's card records 97 % colour and 100 % scene on this very sample
-    assert scores["colour"] >= 0.8, scores  # 8 colours: chance is 12.5 %
-    assert scores["scene"] >= 0.8, scores  # 6 scenes: chance is 16.7 %
+    # the committed model's card records 100 % colour and 100 % scene on this very sample
+    assert scores["colour"] >= 0.95, scores  # 8 colours: chance is 12.5 %
+    assert scores["scene"] >= 0.95, scores  # 6 scenes: chance is 16.7 %
 
 
 def test_world_clip_zero_shot(clip):
     accuracy = zero_shot_accuracy(clip, count=240)
-    # the card records colour 100 %, shape 98 %, scene 100 % on this very sample
-    assert min(accuracy.values()) >= 0.9, accuracy
+    # the card records colour 78 %, shape 95 %, scene 100 % on this very sample: the body colour of a two-colour
+    # object is the world CLIP's weak point (about half of them; every one-colour object is right)
+    assert accuracy["colour"] >= 0.7 and accuracy["shape"] >= 0.9 and accuracy["scene"] >= 0.95, accuracy
+
+
+def test_world_clip_tells_a_pattern_s_second_colour(clip):
+    assert pattern_colour_accuracy(clip, count=120) >= 0.6  # the card records 74 %; chance is 1/7
 
 
 def test_identity_encoder_tells_the_held_out_concepts_apart():
