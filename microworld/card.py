@@ -76,7 +76,7 @@ def main() -> None:
     image_grid(images, len(seeds), GRID_PROMPTS).resize((len(seeds) * 128, len(GRID_PROMPTS) * (128 + 24))).save(root / "samples.png")
     zero_shot = zero_shot_accuracy(clip)
     following, _ = prompt_following(pipe, clip, per_colour=4)
-    following["pattern_colour"] = pattern_colour_following(pipe, clip, count=24)
+    following["pattern_colour"] = pattern_colour_following(pipe, clip, count=64)
     zero_shot["pattern_colour"] = pattern_colour_accuracy(clip)
     retrieval = {"identity encoder": identity_retrieval(identity), "world CLIP": identity_retrieval(clip)}
     measured = {"vae_reconstruction_mse": round(reconstruction_mse(pipe.vae), 5), "zero_shot": zero_shot, "prompt_following": following, "identity_retrieval": retrieval, "files_mb": sizes(root)}
@@ -117,7 +117,7 @@ def main() -> None:
         "",
         f"Prompt following (DDIM 25 steps, guidance 5, {following['images']} prompts over all 8 colours), judged by the world",
         f"CLIP: **colour {following['colour']:.0%}**, scene {following['scene']:.0%} (chance 12.5 % / 16.7 %). Two-colour prompts",
-        "(\"a photo of a yellow and purple striped star ...\", 24 prompts): the pattern in the prompted second colour",
+        "(\"a photo of a yellow and purple striped star ...\", 64 prompts): the pattern in the prompted second colour",
         f"{following['pattern_colour']:.0%} (chance 14 %, judged among the 7 colours other than the body's).",
         "",
         "![samples](samples.png)",

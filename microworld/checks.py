@@ -23,7 +23,7 @@ class ZeroShot:
     def __init__(self, clip):
         self.clip = clip
         self.heads = {
-            "colour": text_head(clip, {c: [f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s in SHAPES] for c in COLOURS}),
+            "colour": text_head(clip, {c: [f"a photo of {article(c)} {c} {s}" for s in SHAPES] for c in COLOURS}),
             "shape": text_head(clip, {s: [f"a photo of a {c} {s}" for c in ("red", "blue", "green", "yellow")] for s in SHAPES}),
             "scene": text_head(clip, {k: [f"a photo of a {s} {v}" for s in SHAPES] for k, v in SCENES.items()}),
         }
@@ -52,24 +52,31 @@ def pattern_colour_prompts(body: str, pattern: str, shape: str) -> dict[str, lis
 def pattern_colours(clip, images, things) -> list[str]:
     """The pattern colour of each picture, chosen among the seven colours other than its body colour, with the
     body colour, pattern and shape given (so only the second colour is being judged; chance 1/7)."""
+    heads = {thing: text_head(clip, pattern_colour_prompts(*thing)) for thing in set(things)}
     out = []
-    for f, (body, pattern, shape) in zip(clip.image_features(images), things):
-        labels, text = text_head(clip, pattern_colour_prompts(body, pattern, shape))
+    for f, thing in zip(clip.image_features(images), things):
+        labels, text = heads[thing]
         out.append(labels[int((text @ f).argmax())])
+    return out
+
+
+def two_colour_things(count: int, seed: int) -> list[tuple[str, str, str, str]]:
+    """(body colour, pattern colour, pattern, shape) for `count` patterned two-colour objects, drawn evenly."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        body = rng.choice(list(COLOURS))
+        out.append((body, rng.choice([c for c in COLOURS if c != body]), rng.choice(PATTERNS[1:]), rng.choice(SHAPES)))
     return out
 
 
 def pattern_colour_accuracy(clip, count: int = 120, seed: int = 12346) -> float:
     """Zero-shot pattern-colour accuracy on fresh photos of objects whose pattern has a second colour."""
     rng = random.Random(seed)
-    scenes = []
-    for _ in range(count):
-        colour = rng.choice(list(COLOURS))
-        second = rng.choice([c for c in COLOURS if c != colour])
-        thing = random_thing(rng, colour=colour, pattern=rng.choice(PATTERNS[1:]), pattern_colour=second)
-        scenes.append(Scene(thing, rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)))
-    things = [(s.thing.colour, s.thing.pattern, s.thing.shape) for s in scenes]
-    predicted = pattern_colours(clip, [render(s) for s in scenes], things)
+    scenes = [Scene(random_thing(rng, colour=body, pattern_colour=second, pattern=pattern, shape=shape),
+                    rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30))
+              for body, second, pattern, shape in two_colour_things(count, seed)]
+    predicted = pattern_colours(clip, [render(s) for s in scenes], [(s.thing.colour, s.thing.pattern, s.thing.shape) for s in scenes])
     return sum(p == s.thing.pattern_colour for p, s in zip(predicted, scenes)) / count
 
 
@@ -78,16 +85,12 @@ def pattern_colour_following(pipe, clip, count: int = 16, steps: int = 25, seed:
     judges to be in the prompted second colour."""
     from personalize.sampling import generate
 
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        colour = rng.choice(list(COLOURS))
-        second, pattern, shape = rng.choice([c for c in COLOURS if c != colour]), rng.choice(PATTERNS[1:]), rng.choice(SHAPES)
-        prompt = f"{STYLES['photo']} {article(colour)} {colour} and {second} {pattern} {shape} {SCENES[rng.choice(list(SCENES))]}"
-        rows.append((prompt, second, (colour, pattern, shape)))
-    images = generate(pipe, [r[0] for r in rows], list(range(count)), 64, steps=steps, guidance_scale=5.0)
-    predicted = pattern_colours(clip, images, [r[2] for r in rows])
-    return sum(p == r[1] for p, r in zip(predicted, rows)) / count
+    things, scenes = two_colour_things(count, seed), random.Random(seed + 1)
+    prompts = [f"{STYLES['photo']} {article(body)} {body} and {second} {pattern} {shape} {SCENES[scenes.choice(list(SCENES))]}"
+               for body, second, pattern, shape in things]
+    images = generate(pipe, prompts, list(range(count)), 64, steps=steps, guidance_scale=5.0)
+    predicted = pattern_colours(clip, images, [(body, pattern, shape) for body, _, pattern, shape in things])
+    return sum(p == second for p, (_, second, _, _) in zip(predicted, things)) / count
 
 
 def following_prompts(per_colour: int = 2, seed: int = 0) -> list[tuple[str, str, str]]:
