@@ -44,6 +44,25 @@ def zero_shot_accuracy(clip, count: int = 240, seed: int = 12345) -> dict[str, f
     return {k: sum(p == t for p, t in zip(zs.predict(images, k), truth[k])) / count for k in truth}
 
 
+def shape_through_vae(vae, clip, count: int = 120, seed: int = 777) -> dict[str, float]:
+    """Zero-shot shape accuracy on fresh photos and on the VAE's reconstructions of the same photos: the second is
+    the most the base model's samples can reach through its latents."""
+    import numpy as np
+    from PIL import Image
+
+    from microworld.data import to_tensor, to_uint8
+
+    rng = random.Random(seed)
+    scenes = [Scene(random_thing(rng), rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)) for _ in range(count)]
+    pictures = [render(s).convert("RGB") for s in scenes]
+    with torch.no_grad():
+        latents = vae.encode(to_tensor(np.stack([np.asarray(p) for p in pictures]))).latent_dist.mean
+        rebuilt = [Image.fromarray(a) for a in to_uint8(vae.decode(latents).sample)]
+    zs = ZeroShot(clip)
+    return {name: sum(p == s.thing.shape for p, s in zip(zs.predict(images, "shape"), scenes)) / count
+            for name, images in (("photos", pictures), ("reconstructions", rebuilt))}
+
+
 def pattern_colour_prompts(body: str, pattern: str, shape: str) -> dict[str, list[str]]:
     """For an object whose body colour, pattern and shape are known: one prompt per candidate pattern colour."""
     return {c: [f"a photo of {article(body)} {body} and {c} {pattern} {shape}"] for c in COLOURS if c != body}
@@ -93,30 +112,30 @@ def pattern_colour_following(pipe, clip, count: int = 16, steps: int = 25, seed:
     return sum(p == second for p, (_, second, _, _) in zip(predicted, things)) / count
 
 
-def following_prompts(per_colour: int = 2, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(prompt, colour, scene) triples covering every colour, shapes and scenes spread evenly."""
+def following_prompts(per_colour: int = 2, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """(prompt, colour, shape, scene) covering every colour, shapes and scenes spread evenly."""
     rng = random.Random(seed)
     out = []
     for colour in COLOURS:
         for _ in range(per_colour):
             shape, scene = rng.choice(SHAPES), rng.choice(list(SCENES))
-            out.append((f"{STYLES['photo']} {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {SCENES[scene]}", colour, scene))
+            out.append((f"{STYLES['photo']} {article(colour)} {colour} {shape} {SCENES[scene]}", colour, shape, scene))
     return out
 
 
 def prompt_following(pipe, clip, per_colour: int = 2, steps: int = 25, seed: int = 0) -> tuple[dict, list]:
-    """Generate from colour/shape/scene prompts; the world CLIP judges whether colour and scene were followed."""
+    """Generate from colour/shape/scene prompts; the world CLIP judges whether colour, shape and scene were
+    followed."""
     from personalize.sampling import generate
 
-    triples = following_prompts(per_colour, seed)
-    images = generate(pipe, [p for p, _, _ in triples], list(range(len(triples))), 64, steps=steps, guidance_scale=5.0)
+    asked = following_prompts(per_colour, seed)
+    images = generate(pipe, [p for p, *_ in asked], list(range(len(asked))), 64, steps=steps, guidance_scale=5.0)
     zs = ZeroShot(clip)
-    colours, scenes = zs.predict(images, "colour"), zs.predict(images, "scene")
-    return {
-        "colour": sum(c == t for c, (_, t, _) in zip(colours, triples)) / len(triples),
-        "scene": sum(s == t for s, (_, _, t) in zip(scenes, triples)) / len(triples),
-        "images": len(triples),
-    }, images
+    result = {}
+    for k, attribute in enumerate(("colour", "shape", "scene"), start=1):
+        predicted = zs.predict(images, attribute)
+        result[attribute] = sum(p == a[k] for p, a in zip(predicted, asked)) / len(asked)
+    return {**result, "images": len(asked)}, images
 
 
 def identity_retrieval(scorer, count: int = 5) -> float:

@@ -42,9 +42,10 @@ def test_samples_follow_their_prompts(clip):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     scores, _ = prompt_following(pipe, clip, per_colour=4, steps=25)
-    # the committed model's card records 100 % colour and 100 % scene on this very sample
+    # the committed model's card records 100 % colour, 100 % scene and 34 % shape on this very sample
     assert scores["colour"] >= 0.95, scores  # 8 colours: chance is 12.5 %
     assert scores["scene"] >= 0.95, scores  # 6 scenes: chance is 16.7 %
+    assert scores["shape"] >= 0.25, scores  # 8 shapes: chance is 12.5 %; the model's weak point
 
 
 def test_world_clip_zero_shot(clip):
