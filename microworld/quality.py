@@ -220,8 +220,9 @@ def relative_paths(frame: pd.DataFrame, work: Path) -> pd.DataFrame:
 def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: float,
                  separation: pd.DataFrame | None = None, work: Path | None = None) -> dict[str, Path]:
     """docs: the summary, runs and separation tables, quality.md's generated section and the plot; with `work`,
-    the published run paths are relative to it."""
+    the published run paths are relative to it and the sample sheets are drawn from its runs."""
     from microworld.claims import claims_markdown, method_summary, separation_markdown, summary_markdown, tradeoff_plot
+    from microworld.sample_sheets import eval_sheet, pair_sheet
 
     folder.mkdir(parents=True, exist_ok=True)
     finished = frame[frame["status"].isin(["finished", "skipped"])]
@@ -238,5 +239,9 @@ def write_report(frame: pd.DataFrame, setting: Setting, folder: Path, minutes: f
                  + claims_markdown(finished, separation))
     paths["markdown"].write_text(with_generated_section(paths["markdown"], generated))
     tradeoff_plot(table, finished, paths["scatter"])
+    if work is not None:
+        sheets = {"eval_samples": eval_sheet(frame, work, folder / "quality-eval-samples.jpg"),
+                  "pair_samples": pair_sheet(work, folder / "quality-pair-samples.jpg")}
+        paths.update({name: path for name, path in sheets.items() if path is not None})
     (folder / "quality_setting.json").write_text(json.dumps(setting.__dict__, indent=1))
     return paths
