@@ -1,6 +1,6 @@
 """Quality benchmark of every method in the micro world, run as `personalize batch`es (see microworld/quality.py).
 
-    python bench/quality.py                  # default: the papers' 7 methods, 2 concepts x 2 seeds, ~40 min on 2 CPU cores
+    python bench/quality.py                  # default: the papers' 7 methods, 2 concepts x 2 seeds, 40-75 min on 2 CPU cores
     python bench/quality.py --full           # 8 concepts x 3 seeds, the model-scaled papers' step counts (a GPU)
     python bench/quality.py --methods core dreambooth --concepts 4 --seeds 2
 
