@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 LABEL_WIDTH = 150
+HEADER_HEIGHT = 28
 WHITE = (255, 255, 255)
 
 
@@ -35,18 +36,19 @@ def eval_sheet(frame: pd.DataFrame, work: Path, path: Path, seed: int = 0, sampl
     photo, then its evaluation samples (`sample` of each prompt, in prompt order)."""
     runs = frame[(frame["seed"] == seed) & (frame["group"] == "single") & (frame["status"] == "finished")
                  & frame["report"].notna()].sort_values(["concept", "method"])
-    rows = []
+    rows, reports = [], []
     for _, run in runs.iterrows():
-        images_dir = (work / run["report"]).parent / "images"
-        samples = sorted(images_dir.glob(f"p*-s{sample}.png"))
+        report = work / run["report"]
+        samples = sorted((report.parent / "images").glob(f"p*-s{sample}.png"))
         if not samples:
             continue
+        reports.append(report)
         photo = work / "concepts" / run["concept"] / "0.png"
         pictures = ([Image.open(photo)] if photo.is_file() else []) + [Image.open(p) for p in samples]
         rows.append(_labelled_row(f"{run['concept']}\n{run['method']}", pictures, size))
     if not rows:
         return None
-    header = _header(["training photo", *_prompt_words(work / runs.iloc[0]["report"])], size)
+    header = _header(["training photo", *_prompt_words(reports[0])], size)
     _stack([header, *rows]).save(path, quality=90)
     return path
 
@@ -60,7 +62,7 @@ def _prompt_words(report: Path) -> list[str]:
 
 
 def _header(labels: list[str], size: int) -> Image.Image:
-    header = Image.new("RGB", (LABEL_WIDTH + size * len(labels), 28), WHITE)
+    header = Image.new("RGB", (LABEL_WIDTH + size * len(labels), HEADER_HEIGHT), WHITE)
     draw = ImageDraw.Draw(header)
     draw.multiline_text((4, 2), "concept\nmethod", fill=(0, 0, 0))
     for k, label in enumerate(labels):
@@ -75,13 +77,12 @@ def pair_sheet(work: Path, path: Path, seed: int = 0) -> Path | None:
     if not grids:
         return None
     images = [Image.open(g).convert("RGB") for g in grids]
-    label_h = 28
-    sheet = Image.new("RGB", (sum(i.width for i in images), label_h + max(i.height for i in images)), WHITE)
+    sheet = Image.new("RGB", (sum(i.width for i in images), HEADER_HEIGHT + max(i.height for i in images)), WHITE)
     draw, left = ImageDraw.Draw(sheet), 0
     for grid, image in zip(grids, images):
         method, subject = grid.stem.split(f"-seed{seed}-")
         draw.multiline_text((left + 2, 2), f"{method.split('_(')[0].replace('_', ' ')}\n{subject}", fill=(0, 0, 0))
-        sheet.paste(image, (left, label_h))
+        sheet.paste(image, (left, HEADER_HEIGHT))
         left += image.width
     sheet.save(path, quality=90)
     return path
