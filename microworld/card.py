@@ -38,6 +38,9 @@ def load_pipeline(folder: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+SHAPE_PHOTOS = 120  # fresh photos whose shape the world CLIP reads, before and after the VAE
+
+
 @torch.no_grad()
 def reconstruction_mse(vae, count: int = 256) -> float:
     """The VAE's reconstruction error on fresh renders (a seed the training set never used), pixels in [-1, 1]."""
@@ -78,7 +81,7 @@ def main() -> None:
     zero_shot = zero_shot_accuracy(clip)
     following, _ = prompt_following(pipe, clip, per_colour=4)
     following["pattern_colour"] = pattern_colour_following(pipe, clip, count=64)
-    zero_shot["shape_through_vae"] = shape_through_vae(pipe.vae, clip)
+    zero_shot["shape_through_vae"] = shape_through_vae(pipe.vae, clip, count=SHAPE_PHOTOS)
     zero_shot["pattern_colour"] = pattern_colour_accuracy(clip)
     retrieval = {"identity encoder": identity_retrieval(identity), "world CLIP": identity_retrieval(clip)}
     measured = {"vae_reconstruction_mse": round(reconstruction_mse(pipe.vae), 5), "zero_shot": zero_shot, "prompt_following": following, "identity_retrieval": retrieval, "files_mb": sizes(root)}
@@ -120,7 +123,7 @@ def main() -> None:
         "",
         f"Prompt following (DDIM 25 steps, guidance 5, {following['images']} prompts over all 8 colours), judged by the world",
         f"CLIP: **colour {following['colour']:.0%}**, scene {following['scene']:.0%}, shape {following['shape']:.0%} (chance 12.5 % /",
-        f"16.7 % / 12.5 %; the world CLIP reads the shape of 120 fresh photos {through_vae['photos']:.0%} of the time and of the",
+        f"16.7 % / 12.5 %; the world CLIP reads the shape of {SHAPE_PHOTOS} fresh photos {through_vae['photos']:.0%} of the time and of the",
         f"VAE's reconstructions of them {through_vae['reconstructions']:.0%}, so what the shape score lacks is the UNet's). Two-colour prompts",
         "(\"a photo of a yellow and purple striped star ...\", 64 prompts): the pattern in the prompted second colour",
         f"{following['pattern_colour']:.0%} (chance 14 %, judged among the 7 colours other than the body's).",

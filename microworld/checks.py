@@ -4,6 +4,7 @@ identity retrieval of held-out concepts. Used by the model cards and the tests."
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
 
@@ -33,10 +34,15 @@ class ZeroShot:
         return [labels[i] for i in (self.clip.image_features(images) @ feats.T).argmax(1).tolist()]
 
 
-def zero_shot_accuracy(clip, count: int = 240, seed: int = 12345) -> dict[str, float]:
-    """Accuracy on fresh photos (a seed the training never used): colour, shape and scene."""
+def fresh_photos(count: int, seed: int) -> list[Scene]:
+    """`count` photo scenes of random objects, from a seed the training never used."""
     rng = random.Random(seed)
-    scenes = [Scene(random_thing(rng), rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)) for _ in range(count)]
+    return [Scene(random_thing(rng), rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)) for _ in range(count)]
+
+
+def zero_shot_accuracy(clip, count: int = 240, seed: int = 12345) -> dict[str, float]:
+    """Accuracy on fresh photos: colour, shape and scene."""
+    scenes = fresh_photos(count, seed)
     images = [render(s) for s in scenes]
     zs = ZeroShot(clip)
     truth = {"colour": [s.thing.colour for s in scenes], "shape": [s.thing.shape for s in scenes],
@@ -52,8 +58,7 @@ def shape_through_vae(vae, clip, count: int = 120, seed: int = 777) -> dict[str,
 
     from microworld.data import to_tensor, to_uint8
 
-    rng = random.Random(seed)
-    scenes = [Scene(random_thing(rng), rng.choice(list(SCENES)), "photo", rng.randrange(1 << 30)) for _ in range(count)]
+    scenes = fresh_photos(count, seed)
     pictures = [render(s).convert("RGB") for s in scenes]
     with torch.no_grad():
         latents = vae.encode(to_tensor(np.stack([np.asarray(p) for p in pictures]))).latent_dist.mean
@@ -112,14 +117,21 @@ def pattern_colour_following(pipe, clip, count: int = 16, steps: int = 25, seed:
     return sum(p == second for p, (_, second, _, _) in zip(predicted, things)) / count
 
 
-def following_prompts(per_colour: int = 2, seed: int = 0) -> list[tuple[str, str, str, str]]:
-    """(prompt, colour, shape, scene) covering every colour, shapes and scenes spread evenly."""
+class Asked(NamedTuple):
+    prompt: str
+    colour: str
+    shape: str
+    scene: str
+
+
+def following_prompts(per_colour: int = 2, seed: int = 0) -> list[Asked]:
+    """Prompts covering every colour, shapes and scenes spread evenly, with what each asks for."""
     rng = random.Random(seed)
     out = []
     for colour in COLOURS:
         for _ in range(per_colour):
             shape, scene = rng.choice(SHAPES), rng.choice(list(SCENES))
-            out.append((f"{STYLES['photo']} {article(colour)} {colour} {shape} {SCENES[scene]}", colour, shape, scene))
+            out.append(Asked(f"{STYLES['photo']} {article(colour)} {colour} {shape} {SCENES[scene]}", colour, shape, scene))
     return out
 
 
@@ -129,12 +141,10 @@ def prompt_following(pipe, clip, per_colour: int = 2, steps: int = 25, seed: int
     from personalize.sampling import generate
 
     asked = following_prompts(per_colour, seed)
-    images = generate(pipe, [p for p, *_ in asked], list(range(len(asked))), 64, steps=steps, guidance_scale=5.0)
+    images = generate(pipe, [a.prompt for a in asked], list(range(len(asked))), 64, steps=steps, guidance_scale=5.0)
     zs = ZeroShot(clip)
-    result = {}
-    for k, attribute in enumerate(("colour", "shape", "scene"), start=1):
-        predicted = zs.predict(images, attribute)
-        result[attribute] = sum(p == a[k] for p, a in zip(predicted, asked)) / len(asked)
+    result = {attribute: sum(p == getattr(a, attribute) for p, a in zip(zs.predict(images, attribute), asked)) / len(asked)
+              for attribute in ("colour", "shape", "scene")}
     return {**result, "images": len(asked)}, images
 
 
