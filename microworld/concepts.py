@@ -90,11 +90,14 @@ def write_concepts(folder: str | Path, concepts=CONCEPTS, count: int = 5, seed: 
 
 
 def write_pair(folder: str | Path, first: WorldConcept, second: WorldConcept, seed: int = 0, size: int = 64) -> dict:
-    """One photo holding two held-out subjects side by side; returns its manifest row (two subjects)."""
-    from microworld.world import render_pair
+    """One photo holding two held-out subjects side by side, with its foreground mask (both subjects), and held-out
+    photos of the pair; returns its manifest row (two subjects)."""
+    from microworld.world import pair_mask, render_pair
 
     rng = random.Random(f"{first.id}+{second.id}-{seed}")
     pair_id = f"{first.id}+{second.id}".replace("+", "-and-")
+    masks = Path(folder) / f"{pair_id}-masks"
+    masks.mkdir(parents=True, exist_ok=True)
     for name, count in ((pair_id, 1), (f"{pair_id}-holdout", HOLDOUT_PHOTOS)):  # the training photo, then held-out ones
         target = Path(folder) / name
         target.mkdir(parents=True, exist_ok=True)
@@ -102,5 +105,7 @@ def write_pair(folder: str | Path, first: WorldConcept, second: WorldConcept, se
             left = replace(first.thing(rng), size=0.42, x=0.28, y=0.55)
             right = replace(second.thing(rng), size=0.42, x=0.72, y=0.55)
             render_pair(left, right, rng.choice(list(SCENES)), rng.randrange(1 << 30), size).save(target / f"{i}.png")
-    return {"id": pair_id, "images": pair_id, "holdout": f"{pair_id}-holdout",
+            if name == pair_id:
+                pair_mask(left, right, size).save(masks / f"{i}.png")
+    return {"id": pair_id, "images": pair_id, "masks": masks.name, "holdout": f"{pair_id}-holdout",
             "subjects": [{"super_category": first.shape}, {"super_category": second.shape}], "kind": "object"}

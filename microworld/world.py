@@ -237,6 +237,12 @@ def foreground_mask(scene: Scene, size: int = SIZE) -> Image.Image:
     return _mask(scene.thing, size * SUPERSAMPLE).resize((size, size), Image.BILINEAR)
 
 
+def pair_mask(first: Thing, second: Thing, size: int = SIZE) -> Image.Image:
+    """Both subjects of a `render_pair` photo as one foreground mask."""
+    big = size * SUPERSAMPLE
+    return ImageChops.lighter(_mask(first, big), _mask(second, big)).resize((size, size), Image.BILINEAR)
+
+
 # ---------------------------------------------------------------------------------------------- captions
 
 

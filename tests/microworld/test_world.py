@@ -3,7 +3,10 @@ objects, held-out concepts each with a mark the training distribution never show
 
 import random
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 from microworld.concepts import CONCEPTS, holdout_photos, photos, write_concepts, write_pair
 from microworld.world import (
@@ -90,6 +93,15 @@ def test_written_concepts_load_as_a_manifest_with_masks(tmp_path):
     assert concepts[0].masks == str(tmp_path / "zebra-star-masks")
     row = write_pair(tmp_path, CONCEPTS[0], CONCEPTS[1])
     assert [s["super_category"] for s in row["subjects"]] == ["star", "heart"]
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump({"concepts": [row]}))
+    (pair,) = load_manifest(tmp_path / "pair.yaml")
+    assert pair.masks == str(tmp_path / f"{row['id']}-masks") and pair.holdout == str(tmp_path / f"{row['id']}-holdout")
+    # one mask for the one training photo: both subjects (centred at x = 0.28 and 0.72) white, the corners black
+    mask = np.asarray(Image.open(tmp_path / row["masks"] / "0.png"))
+    assert [p.name for p in (tmp_path / row["masks"]).iterdir()] == ["0.png"] and mask.shape == (64, 64)
+    assert mask[35, 18] == 255 and mask[35, 46] == 255
+    assert mask[0, 0] == mask[0, -1] == mask[-1, 0] == mask[-1, -1] == 0
+    assert 0.15 < (mask > 127).mean() < 0.5
 
 
 def test_written_concepts_have_held_out_photos_unlike_the_training_photos(tmp_path):
