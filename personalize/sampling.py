@@ -42,8 +42,9 @@ def prompts_as_written(pipe):
 def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], resolution: int,
              steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8, eta: float = 0.0,
              progress: bool = False) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order. Each image's starting noise comes from its own seed only, so
-    a picture is the same whatever else shares its batch (up to float rounding of batched kernels)."""
+    """One image per (prompt, seed) pair, in order. Each image's noise, the starting latents and, for a stochastic
+    sampler (DDIM with eta > 0), every step's, comes from its own seed only, so a picture is the same in every
+    call and whatever else shares its batch (up to float rounding of batched kernels)."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must pair up")
     device = pipe.unet.device
@@ -58,7 +59,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Seque
         kwargs = {"eta": eta} if isinstance(pipe.scheduler, DDIMScheduler) else {}
         with autocast_if_mixed(pipe):
             out = pipe(p, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       latents=latents, output_type="pil", **kwargs)
+                       latents=latents, generator=gens, output_type="pil", **kwargs)
         images += out.images
     return images
 
