@@ -1,4 +1,4 @@
-"""Content fingerprints of model folders: what identifies a model's weights beyond the path they sit at."""
+"""Content fingerprints: what identifies a model's weights, or a concept's photos, beyond the path they sit at."""
 
 from __future__ import annotations
 
@@ -21,3 +21,22 @@ def local_model_fingerprint(model: str) -> str | None:
     """The fingerprint of a model given as a local folder; None for hub ids and uris (named by what they are)."""
     path = Path(model)
     return model_fingerprint(path) if "://" not in model and path.is_dir() else None
+
+
+def photos_fingerprint(spec) -> str:
+    """Content fingerprint of what a run trains on: its concept's photos and their captions, and its masks when the
+    loss is masked to them (the held-out photos and, otherwise, the masks only serve evaluation). A run's config
+    hash names the folders; this names what was in them."""
+    from personalize.images import CAPTION_SUFFIXES, find_masks, list_image_files
+
+    concept = spec.concept
+    photos = list_image_files(concept.id, concept.images)
+    files = photos + sorted(p for p in photos[0].parent.iterdir()
+                            if p.suffix.lower() in CAPTION_SUFFIXES and not p.name.startswith("."))
+    if spec.masked_loss and concept.masks:  # without a masks folder, training refuses the run
+        files += find_masks(concept.id, concept.masks, [p.name for p in photos])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.parent.name}/{path.name}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

@@ -221,6 +221,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     `on_stage_end(ctx, index, stage)` runs after each stage's checkpoint, before the sink hears of the stage.
     With `spec.validation`, the validation points are scored by `scorers` (loaded from its settings if None)."""
     from personalize import export, loss_log, run_folder
+    from personalize.fingerprint import photos_fingerprint
     from personalize.heatmaps import write_stage_heatmaps
     from personalize.run_context import prepare_run
     from personalize.sampling import write_sample_grid
@@ -230,6 +231,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     done = run_folder.read_done(run_dir)
     if done is not None:
         run_folder.check_owner(run_dir, done["config_hash"], config_hash)
+        run_folder.check_photos(run_dir, done, spec)
         return RunOutcome(spec, "skipped", "already finished", stage_seconds=run_folder.stage_seconds(done),
                           outputs=done.get("outputs", []))
     checkpoint = ckpt.latest(run_dir)
@@ -237,6 +239,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
         if not resume:
             raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
+    photos = photos_fingerprint(spec)  # before reading them: what this run trains on
     ctx = prepare_run(spec, components, progress)
     main = is_main()
     if main:
@@ -281,7 +284,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     finished.outputs = _write_outputs(ctx, export)
     write_sample_grid(ctx, run_dir / "samples.png")
     finished.outputs.append("samples.png")
-    run_folder.write_done(run_dir, config_hash, finished.outputs, **details)
+    run_folder.write_done(run_dir, config_hash, finished.outputs, photos=photos, **details)
     return finished
 
 

@@ -47,6 +47,26 @@ def write_done(run_dir: str | Path, config_hash: str, outputs: list[str], **deta
     tmp.rename(Path(run_dir) / DONE)
 
 
+def check_photos(run_dir: str | Path, done: dict, spec: RunSpec) -> None:
+    """A finished run is reused only while its concept's photos, captions and masks are those it trained on (runs
+    finished before the photos were recorded are reused as they are)."""
+    concept = spec.concept
+    from personalize.errors import ConceptError
+    from personalize.fingerprint import photos_fingerprint
+
+    recorded = done.get("photos")
+    if recorded is None:
+        return
+    try:
+        current = photos_fingerprint(spec)
+    except ConceptError:  # unreadable photos are the concept checks' to report
+        return
+    if current != recorded:
+        raise RunStateError(
+            f"{concept.id}: its photos, captions or masks changed since the run in {run_dir} finished; that run is "
+            f"kept. Train the new photos under another concept id or storage, or delete {run_dir} to train it again")
+
+
 def stage_seconds(done: dict) -> dict[str, float]:
     """Stage name -> seconds, from a run's DONE.json."""
     return {name: timing["seconds"] for name, timing in done.get("stages", {}).items()}

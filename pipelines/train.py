@@ -104,7 +104,8 @@ def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
     With an s3 root the bucket is the record and the local folder a cache of it: a finished run is pulled from the
     bucket; a local copy the bucket does not hold is pushed when it is this configuration's finished run (its upload
     was cut short) and discarded when it belongs to another configuration (left over from another bucket's life)."""
-    from personalize.run_folder import DONE, other_configuration, owner
+    from personalize.errors import RunStateError
+    from personalize.run_folder import DONE, check_photos, other_configuration, owner
 
     expected = spec.config_hash()
     if root.remote and not root.pull(root.relative(spec.run_dir), marker=DONE):
@@ -119,6 +120,10 @@ def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
         return RunOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder, expected)))
     done = read_done(spec.run_dir)
     if done is not None:
+        try:
+            check_photos(spec.run_dir, done, spec)
+        except RunStateError as e:
+            return RunOutcome(spec, "failed", str(e))
         return RunOutcome(spec, "skipped", "already finished", 0.0, stage_seconds(done))
     root.remove_file(f"{root.relative(spec.run_dir)}/{FAILED}")  # a resubmission retries runs that failed before
     return None
