@@ -80,6 +80,16 @@ def pytest_xdist_make_scheduler(config, log):
     return RayModulesTogether(config, log)
 
 
+RAY_WORKER_NICENESS = 15  # Ray runs its worker processes at this niceness (its `worker_niceness` setting)
+
+
+def pytest_runtest_setup(item):
+    """Under pytest-xdist, the worker running in-process tests lowers its priority to that of Ray's workers:
+    at the default priority it takes a core from the Ray unit, which sets the suite's length."""
+    if "PYTEST_XDIST_WORKER" in os.environ and ray_unit(item.nodeid) is None:
+        os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if OWNS_CACHE:
         shutil.rmtree(os.environ["PERSONALIZE_TEST_SESSION_CACHE"], ignore_errors=True)
