@@ -31,8 +31,10 @@ SESSION_RAY_FIXTURES = {"local_ray", "seaweedfs", "ray_with_s3"}
 # second unit, which the worker that runs out of in-process tests takes while the first unit is still going: two
 # Ray clusters side by side on 2 cores slow each other, but the suite ends sooner than with that worker idle. Only
 # the quality smoke (one batch) runs there: with the sweeps there too, a resumed sweep's trial once hung for its
-# whole 600 s timeout beside the other cluster. The late modules use no SeaweedFS (its ports are fixed) and look at
-# no process outside their own.
+# whole 600 s timeout beside the other cluster. Anything that delays the in-process tests moves the late unit onto
+# the sweeps: with that worker at Ray's niceness the Ray unit ran 124 s shorter, but the same trial hung again
+# beside the quality smoke. The late modules use no SeaweedFS (its ports are fixed) and look at no process outside
+# their own.
 RAY_MODULES = {
     "tests/e2e/test_stack_job_browser.py",
     "tests/pipelines/test_bad_input_corpus.py",
@@ -78,16 +80,6 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False  # the order above, not the largest unit first
     return RayModulesTogether(config, log)
-
-
-RAY_WORKER_NICENESS = 15  # Ray runs its worker processes at this niceness (its `worker_niceness` setting)
-
-
-def pytest_runtest_setup(item):
-    """Under pytest-xdist, the worker running in-process tests lowers its priority to that of Ray's workers:
-    at the default priority it takes a core from the Ray unit, which sets the suite's length."""
-    if "PYTEST_XDIST_WORKER" in os.environ and ray_unit(item.nodeid) is None:
-        os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
 
 
 def pytest_sessionfinish(session, exitstatus):
