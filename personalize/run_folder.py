@@ -50,7 +50,6 @@ def write_done(run_dir: str | Path, config_hash: str, outputs: list[str], **deta
 def check_photos(run_dir: str | Path, done: dict, spec: RunSpec) -> None:
     """A finished run is reused only while its concept's photos, captions and masks are those it trained on (runs
     finished before the photos were recorded are reused as they are)."""
-    concept = spec.concept
     from personalize.errors import ConceptError
     from personalize.fingerprint import photos_fingerprint
 
@@ -63,7 +62,7 @@ def check_photos(run_dir: str | Path, done: dict, spec: RunSpec) -> None:
         return
     if current != recorded:
         raise RunStateError(
-            f"{concept.id}: its photos, captions or masks changed since the run in {run_dir} finished; that run is "
+            f"{spec.concept.id}: its photos, captions or masks changed since the run in {run_dir} finished; that run is "
             f"kept. Train the new photos under another concept id or storage, or delete {run_dir} to train it again")
 
 
