@@ -23,20 +23,22 @@ def local_model_fingerprint(model: str) -> str | None:
     return model_fingerprint(path) if "://" not in model and path.is_dir() else None
 
 
-def photos_fingerprint(spec) -> str:
+def photos_fingerprint(spec, folder_names: bool = False) -> str:
     """Content fingerprint of what a run trains on: its concept's photos and their captions, and its masks when the
-    loss is masked to them (the held-out photos and, otherwise, the masks only serve evaluation). A run's config
-    hash names the folders; this names what was in them."""
+    loss is masked to them (the held-out photos and, otherwise, the masks only serve evaluation). Files count by
+    their role and name, not by the folder they sit in: photos moved elsewhere are the same photos.
+    `folder_names`: the fingerprint that runs finished before it was so carry (each file under its folder's name)."""
     from personalize.images import CAPTION_SUFFIXES, find_masks, list_image_files
 
     concept = spec.concept
     photos = list_image_files(concept.id, concept.images)
-    files = photos + sorted(p for p in photos[0].parent.iterdir()
-                            if p.suffix.lower() in CAPTION_SUFFIXES and not p.name.startswith("."))
+    files = [("photo", p) for p in photos]
+    files += [("photo", p) for p in sorted(photos[0].parent.iterdir())
+              if p.suffix.lower() in CAPTION_SUFFIXES and not p.name.startswith(".")]
     if spec.masked_loss and concept.masks:  # without a masks folder, training refuses the run
-        files += find_masks(concept.id, concept.masks, [p.name for p in photos])
+        files += [("mask", p) for p in find_masks(concept.id, concept.masks, [p.name for p in photos])]
     h = hashlib.sha256()
-    for path in files:
-        h.update(f"{path.parent.name}/{path.name}\0".encode())
+    for role, path in files:
+        h.update(f"{path.parent.name if folder_names else role}/{path.name}\0".encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -230,13 +230,13 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
     config_hash = spec.config_hash()
     done = run_folder.read_done(run_dir)
     if done is not None:
-        run_folder.check_owner(run_dir, done["config_hash"], config_hash)
+        run_folder.check_owner(run_dir, done["config_hash"], spec)
         run_folder.check_photos(run_dir, done, spec)
         return RunOutcome(spec, "skipped", "already finished", stage_seconds=run_folder.stage_seconds(done),
                           outputs=done.get("outputs", []))
     checkpoint = ckpt.latest(run_dir)
     if checkpoint is not None:
-        run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, config_hash)
+        run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, spec)
         if not resume:
             raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
     photos = photos_fingerprint(spec)  # before reading them: what this run trains on

@@ -57,10 +57,10 @@ def check_photos(run_dir: str | Path, done: dict, spec: RunSpec) -> None:
     if recorded is None:
         return
     try:
-        current = photos_fingerprint(spec)
+        unchanged = recorded in (photos_fingerprint(spec), photos_fingerprint(spec, folder_names=True))
     except ConceptError:  # unreadable photos are the concept checks' to report
         return
-    if current != recorded:
+    if not unchanged:
         raise RunStateError(
             f"{spec.concept.id}: its photos, captions or masks changed since the run in {run_dir} finished; that run is "
             f"kept. Train the new photos under another concept id or storage, or delete {run_dir} to train it again")
@@ -118,9 +118,9 @@ def other_configuration(location: str | Path, found: str, expected: str) -> RunS
     )
 
 
-def check_owner(run_dir: str | Path, found: str, expected: str) -> None:
-    if found != expected:
-        raise other_configuration(run_dir, found, expected)
+def check_owner(run_dir: str | Path, found: str, spec: RunSpec) -> None:
+    if not spec.owns(found):
+        raise other_configuration(run_dir, found, spec.config_hash())
 
 
 def find_finished(paths: Iterable[str | Path]) -> list[Path]:

@@ -172,7 +172,21 @@ class RunSpec(RunSettings):
         return Path(self.output_dir) / self.concept.id / self.method.name
 
     def config_hash(self) -> str:
-        """Hash of everything that changes the learned result (not where it is written or on what device)."""
+        """Hash of everything that changes the learned result: not where the run is written or on what device, nor
+        where its photos and a local model sit. Moved, or mounted at another path on another machine, they hold the
+        same run; their content is what counts (DONE.json's `photos`, and `model_fingerprint`)."""
+        return self._hash(with_locations=False)
+
+    def config_hashes(self) -> tuple[str, str]:
+        """Today's config hash, then the one that runs finished before it left the photos' and model's locations
+        out carry: a run folder (or MLflow run) recorded under either is this run's."""
+        return self.config_hash(), self._hash(with_locations=True)
+
+    def owns(self, found: str | None) -> bool:
+        """Whether a config hash recorded in a run folder is this run's."""
+        return found is not None and found in self.config_hashes()
+
+    def _hash(self, with_locations: bool) -> str:
         payload = self.model_dump(mode="json", exclude={
             "output_dir": True, "device": True, "samples": True, "prior_cache_dir": True, "latent_cache_dir": True,
             "checkpoint_every": True, "gradient_checkpointing": True,
@@ -191,4 +205,8 @@ class RunSpec(RunSettings):
             for key, default in HASHED_WHEN_SET.items():
                 if stage.get(key) == default:
                     del stage[key]
+        if not with_locations:
+            del payload["concept"]["images"], payload["concept"]["masks"]
+            if payload["model_fingerprint"] is not None:
+                del payload["model"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -145,7 +145,7 @@ def latents_to_encode(specs: list[RunSpec], model_path: Path) -> list[RunSpec]:
     todo = {}
     for spec in specs:
         holder = owner(spec.run_dir)
-        if holder is not None and (holder != spec.config_hash() or read_done(spec.run_dir) is not None):
+        if holder is not None and (not spec.owns(holder) or read_done(spec.run_dir) is not None):
             continue
         key = instance_bank_key(spec, model_path)
         if spec.latent_cache_dir and cached_bank_path(spec.latent_cache_dir, key).is_file():

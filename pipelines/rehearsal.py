@@ -61,7 +61,7 @@ def rehearse(spec: RunSpec, sink=None, progress: bool = False, on_stage_end=None
     run_dir, config_hash = spec.run_dir, spec.config_hash()
     done = run_folder.read_done(run_dir)
     if done is not None:
-        run_folder.check_owner(run_dir, done["config_hash"], config_hash)
+        run_folder.check_owner(run_dir, done["config_hash"], spec)
         return RunOutcome(spec, "skipped", "already finished", stage_seconds=run_folder.stage_seconds(done))
     main = is_main()
     if main:

@@ -90,10 +90,14 @@ def experiment_id(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
-def child_run(client, experiment: str, parent: str, key: str):
-    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`{RUN_KEY}` = '{key}'",
-                              max_results=1)
-    return runs[0] if runs else None
+def child_run(client, experiment: str, parent: str, keys: str | list[str]):
+    """The parent's child run tagged with the first of `keys` that one carries; None when none does."""
+    for key in [keys] if isinstance(keys, str) else keys:
+        runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`{RUN_KEY}` = '{key}'",
+                                  max_results=1)
+        if runs:
+            return runs[0]
+    return None
 
 
 class RunTracker:
@@ -105,8 +109,8 @@ class RunTracker:
         self.client = _client(settings["uri"])
         self.settings = settings
         self.prefix = ""
-        key = key or run_key(spec)
-        existing = child_run(self.client, settings["experiment_id"], settings["parent_run_id"], key)
+        existing = child_run(self.client, settings["experiment_id"], settings["parent_run_id"], key or run_keys(spec))
+        key = key or run_keys(spec)[0]
         if existing is not None:
             self.run_id = existing.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
@@ -174,8 +178,10 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def run_key(spec) -> str:
-    return f"{spec.concept.id}/{spec.method.name}/{spec.config_hash()}"
+def run_keys(spec) -> list[str]:
+    """The keys a run's MLflow run is found by: today's first, then the one runs tracked before the config hash
+    left folder locations out carry."""
+    return [f"{spec.concept.id}/{spec.method.name}/{h}" for h in spec.config_hashes()]
 
 
 class BatchTracker:
@@ -207,7 +213,7 @@ class BatchTracker:
         return {"uri": self.uri, "experiment_id": self.experiment, "parent_run_id": self.parent, "log_every": self.spec.log_every}
 
     def child(self, spec):
-        return child_run(self.client, self.experiment, self.parent, run_key(spec))
+        return child_run(self.client, self.experiment, self.parent, run_keys(spec))
 
     def batch_finished(self, frame, evaluations: dict, paths: dict, specs: list, logs: Path | None = None) -> None:
         by_dir = {str(s.run_dir): s for s in specs}

@@ -89,7 +89,7 @@ def fit_pack(pack: list[RunSpec], name: str, scaling: dict, storage: str, max_fa
 
 def outcome_of(spec: RunSpec, error: str | None, seconds: float) -> RunOutcome:
     done = read_done(spec.run_dir)
-    if done is not None and done["config_hash"] == spec.config_hash():
+    if done is not None and spec.owns(done["config_hash"]):
         return RunOutcome(spec, "finished", seconds=seconds, stage_seconds=stage_seconds(done))
     reason = failure_reason(spec.run_dir)
     if reason is not None:
@@ -107,17 +107,17 @@ def earlier_outcome(spec: RunSpec, root) -> RunOutcome | None:
     from personalize.errors import RunStateError
     from personalize.run_folder import DONE, check_photos, other_configuration, owner
 
-    expected = spec.config_hash()
     if root.remote and not root.pull(root.relative(spec.run_dir), marker=DONE):
         holder = owner(spec.run_dir)
-        if holder == expected and read_done(spec.run_dir) is not None:
+        if spec.owns(holder) and read_done(spec.run_dir) is not None:
             root.push(root.relative(spec.run_dir), marker=DONE)
-        elif holder is not None and holder != expected:
+        elif holder is not None and not spec.owns(holder):
             log.info("discarding %s: a cached run of another configuration that %s does not hold", spec.run_dir, root.uri())
             shutil.rmtree(spec.run_dir)
     holder = owner(spec.run_dir)
-    if holder is not None and holder != expected:
-        return RunOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder, expected)))
+    if holder is not None and not spec.owns(holder):
+        return RunOutcome(spec, "failed", str(other_configuration(root.uri(root.relative(spec.run_dir)), holder,
+                                                                  spec.config_hash())))
     done = read_done(spec.run_dir)
     if done is not None:
         try:
@@ -198,7 +198,7 @@ def fetch_run(spec: RunSpec, root) -> None:
 
 def is_settled(spec: RunSpec) -> bool:
     done = read_done(spec.run_dir)
-    return (done is not None and done["config_hash"] == spec.config_hash()) or failure_hash(spec.run_dir) == spec.config_hash()
+    return (done is not None and spec.owns(done["config_hash"])) or spec.owns(failure_hash(spec.run_dir))
 
 
 def settle(spec: RunSpec, error: str | None, seconds: float, packed: bool, progress: Progress) -> RunOutcome:

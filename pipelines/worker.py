@@ -199,8 +199,8 @@ def settled_before(spec: RunSpec, root) -> bool:
         root.pull_file(f"{rel}/{FAILED}")
     done = read_done(spec.run_dir)
     if done is not None:
-        return done["config_hash"] == spec.config_hash()
-    return failure_hash(spec.run_dir) == spec.config_hash()
+        return spec.owns(done["config_hash"])
+    return spec.owns(failure_hash(spec.run_dir))
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -71,3 +71,54 @@ def test_a_changed_mask_counts_only_when_the_loss_is_masked_to_it(spec_for, conc
             run_method(spec, progress=False)
     else:
         assert run_method(spec, progress=False).status == "skipped"
+
+
+def test_photos_and_model_moved_elsewhere_hold_the_same_run(finished, spec_for, concept_dir, tiny_model, tmp_path):
+    import shutil
+
+    moved_photos = shutil.copytree(concept_dir, tmp_path / "elsewhere" / "photos")
+    moved_model = shutil.copytree(tiny_model, tmp_path / "elsewhere" / "model")
+    moved = spec_for("textual_inversion", model=moved_model,
+                     concept={"id": "blob", "images": str(moved_photos), "super_category": "toy"})
+    assert moved.run_dir == finished.run_dir and moved.config_hash() == finished.config_hash()
+    before = folder_bytes(finished.run_dir)
+    outcome = earlier_outcome(moved, StorageRoot(str(moved.output_dir)))
+    assert outcome.status == "skipped", outcome.reason
+    assert run_method(moved, progress=False).status == "skipped"
+    assert folder_bytes(finished.run_dir) == before
+
+
+def test_other_weights_at_a_moved_path_are_another_run(finished, spec_for, tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = shutil.copytree(tiny_model, tmp_path / "retrained")
+    weights = next((other / "unet").glob("*.safetensors"))
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)
+    retrained = spec_for("textual_inversion", model=other)
+    assert retrained.config_hash() != finished.config_hash()
+    outcome = earlier_outcome(retrained, StorageRoot(str(retrained.output_dir)))
+    assert outcome.status == "failed" and "holds a run of a different configuration" in outcome.reason
+
+
+def test_runs_whose_hash_named_the_folders_are_still_their_runs(finished):
+    """Runs finished when the config hash included the photos' and model's paths keep being reused."""
+    located = finished.config_hashes()[1]
+    assert located != finished.config_hash()
+    done_file = finished.run_dir / DONE
+    done = json.loads(done_file.read_text())
+    done_file.write_text(json.dumps({**done, "config_hash": located}))
+    assert finished.owns(located) and not finished.owns("0123456789abcdef") and not finished.owns(None)
+    assert run_method(finished, progress=False).status == "skipped"
+    assert earlier_outcome(finished, StorageRoot(str(finished.output_dir))).status == "skipped"
+
+
+def test_runs_whose_photos_fingerprint_named_the_folders_are_reused(finished, concept_dir):
+    done_file = finished.run_dir / DONE
+    done = json.loads(done_file.read_text())
+    done_file.write_text(json.dumps({**done, "photos": photos_fingerprint(finished, folder_names=True)}))
+    assert run_method(finished, progress=False).status == "skipped"
+    Image.new("RGB", (80, 80), (10, 200, 10)).save(concept_dir / "0.png")
+    with pytest.raises(RunStateError, match="blob: its photos, captions or masks changed"):
+        run_method(finished, progress=False)

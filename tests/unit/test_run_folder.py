@@ -22,9 +22,17 @@ def test_a_finished_folder_records_its_hash_timings_and_outputs(tmp_path):
 
 
 def test_another_configuration_is_refused_with_the_fix(tmp_path):
-    run_folder.check_owner(tmp_path, "aaaa", "aaaa")
+    class Spec:  # a run whose config hash is aaaa today and was cccc when the hash named folder locations
+        def config_hash(self):
+            return "aaaa"
+
+        def owns(self, found):
+            return found in ("aaaa", "cccc")
+
+    run_folder.check_owner(tmp_path, "aaaa", Spec())
+    run_folder.check_owner(tmp_path, "cccc", Spec())
     with pytest.raises(RunStateError, match=r"hash bbbb, this one aaaa.*never overwritten.*another output_dir"):
-        run_folder.check_owner(tmp_path, "bbbb", "aaaa")
+        run_folder.check_owner(tmp_path, "bbbb", Spec())
 
 
 def test_a_failure_keeps_its_reason(tmp_path):
