@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from personalize.fingerprint import references_fingerprint
 from personalize.identity import (
     IDENTITY_SCORES,
     IdentityBounds,
@@ -109,9 +110,11 @@ def sample_base_model(spec: RunSpec, rows: list[EvalRow], sampling: dict, batch_
                     spec.resolution, sampling["steps"], sampling["guidance_scale"], batch_size, sampling["eta"], progress)
 
 
-def write_floor(folder: Path, floor: dict, scored: list[dict], images: list[Image.Image], columns: int) -> None:
+def write_floor(folder: Path, floor: dict, scored: list[dict], images: list[Image.Image], columns: int,
+                replace: bool = False) -> None:
     """Images, a grid (one row per prompt), per-image scores and floor.json, written to a temporary folder
-    renamed into place; when another process put a floor there first, that one is kept."""
+    renamed into place; when another process put a floor there first, that one is kept (`replace`: it gives way,
+    a floor scored against references since changed)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
@@ -121,6 +124,10 @@ def write_floor(folder: Path, floor: dict, scored: list[dict], images: list[Imag
     image_grid(images, columns).save(tmp / "grid.png")
     (tmp / "scores.json").write_text(json.dumps(scored, indent=1))
     (tmp / FLOOR_FILE).write_text(json.dumps(floor, indent=1))
+    if replace:
+        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        shutil.rmtree(old)
     try:
         tmp.rename(folder)
     except OSError:
@@ -133,7 +140,11 @@ def class_floor(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scorers:
     an earlier evaluation of the concept wrote it, else sampled from the base model with the class phrase in place
     of the subject and scored against the same references with the same exclusions."""
     folder = floor_folder(run_dir, spec, settings)
-    if not (folder / FLOOR_FILE).is_file():
+    if (folder / FLOOR_FILE).is_file():
+        floor = json.loads((folder / FLOOR_FILE).read_text())
+        if references_changed(floor, spec.concept):
+            rescore_floor(folder, floor, spec, settings, scorers)
+    else:
         phrase = class_phrase(spec.concept)
         rows = eval_rows(spec, phrase, [], settings)
         sampling = protocol(spec, settings)
@@ -142,10 +153,32 @@ def class_floor(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scorers:
         floor = {**aggregate(scored, settings.exclude_tags), "concept": spec.concept.id, "subject": phrase,
                  "model": spec.model, "resolution": spec.resolution,
                  "prompt_set": prompt_set_for(settings.prompts, spec.concept.kind), "samples": settings.samples,
-                 "exclude_tags": settings.exclude_tags, "clip_model": settings.clip, "dino_model": settings.dino, **sampling}
+                 "exclude_tags": settings.exclude_tags, "clip_model": settings.clip, "dino_model": settings.dino,
+                 "references": references_fingerprint(spec.concept), **sampling}
         folder.parent.mkdir(parents=True, exist_ok=True)
         write_floor(folder, floor, scored, images, settings.samples)
     return json.loads((folder / FLOOR_FILE).read_text()), folder
+
+
+def references_changed(recorded: dict, concept) -> bool:
+    """Whether an evaluation's or floor's identity scores were taken against other references than the concept's
+    photos, masks and held-out photos hold now (those recorded before references were, or whose photos cannot be
+    read now, stand as they are)."""
+    current = references_fingerprint(concept)
+    return recorded.get("references") not in (None, current) and current is not None
+
+
+def stored_images(folder: Path, scored: list[dict]) -> list[Image.Image]:
+    return [Image.open(folder / row["image"]).convert("RGB") for row in scored]
+
+
+def rescore_floor(folder: Path, floor: dict, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers) -> None:
+    """A floor's stored images scored again against the concept's references as they are now: not sampled again."""
+    scored = json.loads((folder / "scores.json").read_text())
+    images = stored_images(folder, scored)
+    scored = scorers.rescored(scored, images, scorers.reference(spec))
+    floor = {**floor, **aggregate(scored, settings.exclude_tags), "references": references_fingerprint(spec.concept)}
+    write_floor(folder, floor, scored, images, settings.samples, replace=True)
 
 
 def identity_bounds(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers, device: torch.device,
@@ -203,7 +236,7 @@ def write_evaluation(run_dir: Path, spec: RunSpec, settings: EvaluationSpec, sco
         "run": str(run_dir), "concept": spec.concept.id, "method": spec.method.name,
         "prompt_set": prompt_set_for(settings.prompts, spec.concept.kind), "samples": settings.samples,
         "text_mode": settings.text_mode, "exclude_tags": settings.exclude_tags, "clip_model": settings.clip,
-        "dino_model": settings.dino, **protocol(spec, settings),
+        "dino_model": settings.dino, "references": references_fingerprint(spec.concept), **protocol(spec, settings),
     }
     references = load_concept_images(spec.concept.id, spec.concept.images, resolution=0)
     write_run_report(tmp, Path(run_dir), metrics, scored, images, references)
@@ -220,6 +253,8 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     done = finished_evaluation(run_dir, spec, settings)
+    if done is not None and references_changed(done.metrics, spec.concept):
+        return rescore_identity(done, spec, settings, scorers, device, progress)
     if done is not None and (has_identity_bounds(done.metrics, spec.concept) or not settings.floor_ceiling):
         return done
     if done is not None:
@@ -239,12 +274,26 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSpec, scorers: Scorers
 def add_identity_bounds(done: RunEvaluation, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers | None,
                         device: str, progress: bool) -> RunEvaluation:
     """A finished evaluation rewritten with the identity floor and ceiling, from its stored images and scores."""
+    return _rewritten(done, spec, settings, scorers, device, progress, rescore=False)
+
+
+def rescore_identity(done: RunEvaluation, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers | None,
+                     device: str, progress: bool) -> RunEvaluation:
+    """A finished evaluation whose concept's photos, masks or held-out photos changed, its identity scores (and
+    bounds) taken again against them from its stored images: nothing is sampled again."""
+    log.info("%s: the concept's references changed since its evaluation; scoring its stored samples again", done.run_dir)
+    return _rewritten(done, spec, settings, scorers, device, progress, rescore=True)
+
+
+def _rewritten(done: RunEvaluation, spec: RunSpec, settings: EvaluationSpec, scorers: Scorers | None, device: str,
+               progress: bool, rescore: bool) -> RunEvaluation:
     from personalize.devices import resolve_device
 
     torch_device = resolve_device(device)
     scorers = scorers or scorers_on(settings, torch_device)
-    images = [Image.open(done.folder / row["image"]).convert("RGB") for row in done.scored]
-    bounds = identity_bounds(done.run_dir, spec, settings, scorers, torch_device, progress)
-    return write_evaluation(done.run_dir, spec, settings, done.scored, images, bounds)
+    images = stored_images(done.folder, done.scored)
+    scored = scorers.rescored(done.scored, images, scorers.reference(spec)) if rescore else done.scored
+    bounds = identity_bounds(done.run_dir, spec, settings, scorers, torch_device, progress) if settings.floor_ceiling else None
+    return write_evaluation(done.run_dir, spec, settings, scored, images, bounds)
 
 

@@ -42,3 +42,26 @@ def photos_fingerprint(spec, folder_names: bool = False) -> str:
         h.update(f"{path.parent.name if folder_names else role}/{path.name}\0".encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def references_fingerprint(concept) -> str | None:
+    """Content fingerprint of what identity is scored against: the concept's photos, their masks when it has
+    them, and its held-out photos (the ceiling). None when the photos cannot be read (the concept checks report
+    that): an evaluation or floor recorded under another fingerprint is scored again."""
+    from personalize.errors import ConceptError
+    from personalize.images import find_masks, list_image_files
+
+    try:
+        photos = list_image_files(concept.id, concept.images)
+        files = [("photo", p) for p in photos]
+        if concept.masks:
+            files += [("mask", p) for p in find_masks(concept.id, concept.masks, [p.name for p in photos])]
+        if concept.holdout:
+            files += [("holdout", p) for p in list_image_files(concept.id, concept.holdout)]
+    except ConceptError:
+        return None
+    h = hashlib.sha256()
+    for role, path in files:
+        h.update(f"{role}/{path.name}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

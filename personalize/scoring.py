@@ -130,6 +130,12 @@ class Scorers:
             self._ceiling[concept.id] = (scores, ceiling_source(concept))
         return self._ceiling[concept.id]
 
+    def rescored(self, scored: list[dict], images: list[Image.Image], reference: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+        """Scored rows with their identity scores taken again against `reference` (the text score stands)."""
+        clip_i = per_row_mean(self.clip.image_features(images), reference[0])
+        dino = per_row_mean(self.dino.image_features(images), reference[1])
+        return [{**row, "clip_i": float(i), "dino": float(d)} for row, i, d in zip(scored, clip_i, dino)]
+
     def score(self, images: list[Image.Image], rows: list[EvalRow], reference: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
         clip_img = self.clip.image_features(images)
         texts = sorted({r.text for r in rows})

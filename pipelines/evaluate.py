@@ -22,6 +22,8 @@ from personalize.evaluation import (
     add_identity_bounds,
     finished_evaluation,
     read_spec,
+    references_changed,
+    rescore_identity,
     write_evaluation,
 )
 from personalize.identity import has_identity_bounds
@@ -115,18 +117,25 @@ def sample_and_score(todo: list[str], settings: EvaluationSpec, actors: int, use
 def add_bounds(results: dict[str, RunEvaluation], settings: EvaluationSpec) -> dict[str, RunEvaluation]:
     """Each evaluation that lacks them gains the identity floor and ceiling: sampled here in the driver (on its GPU if
     it has one), once per concept (every method of a concept shares its floor), from the stored images (nothing is
-    sampled again). A run whose bounds fail keeps its evaluation without them, the reason logged."""
-    if not settings.floor_ceiling:
-        return results
+    sampled again). A run whose bounds fail keeps its evaluation without them, the reason logged. An evaluation
+    whose concept's photos, masks or held-out photos changed since is scored again from its stored images."""
     specs = {run: read_spec(run) for run in results}
-    missing = {run: done for run, done in results.items() if not has_identity_bounds(done.metrics, specs[run].concept)}
-    if not missing:
+    stale = {run for run, done in results.items() if references_changed(done.metrics, specs[run].concept)}
+    missing = {run for run, done in results.items()
+               if settings.floor_ceiling and not has_identity_bounds(done.metrics, specs[run].concept)}
+    if not stale | missing:
         return results
     device = resolve_device("auto")
     scorers = scorers_on(settings, device)
-    for run_dir, done in missing.items():
+    for run_dir in sorted(stale):
         try:
-            results[run_dir] = add_identity_bounds(done, specs[run_dir], settings, scorers, str(device), progress=False)
+            results[run_dir] = rescore_identity(results[run_dir], specs[run_dir], settings, scorers, str(device), progress=False)
+        except Exception as e:
+            log.error("%s: its concept's references changed, but scoring it again failed (its earlier scores are "
+                      "kept): %s", run_dir, e)
+    for run_dir in sorted(missing - stale):
+        try:
+            results[run_dir] = add_identity_bounds(results[run_dir], specs[run_dir], settings, scorers, str(device), progress=False)
         except Exception as e:  # an optional enrichment: the scored samples stand without it
             log.error("identity floor and ceiling of %s not computed: %s", run_dir, e)
     return results

@@ -152,3 +152,61 @@ def test_the_ceiling_source_changes_when_its_photos_do(tmp_path):
     assert before.startswith("3 held-out photos") and before == ceiling_source(concept)
     draw_concept(holdout, n=3, seed=5)  # the same names, new pictures
     assert ceiling_source(concept) != before
+
+
+def test_changed_masks_rescore_the_evaluation_and_floor_from_their_stored_images(spec_for, concept_dir, tiny_clip,
+                                                                                   tiny_dino, tmp_path, monkeypatch):
+    """Identity is scored against the foreground of the concept's photos: when its masks change, a finished
+    evaluation and the concept's floor are scored again from the images they stored, and nothing is sampled."""
+    from PIL import Image
+
+    from personalize.scoring import masked_references
+    from pipelines.evaluate import add_bounds
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for photo in sorted(concept_dir.glob("*.png")):
+        Image.new("L", Image.open(photo).size, 255).save(masks / photo.name)
+    spec = spec_for("textual_inversion", concept={"id": "blob", "images": str(concept_dir), "masks": str(masks),
+                                                 "super_category": "toy"})
+    run_method(spec, progress=False)
+    settings = EvaluationSpec(prompts="world_eval", samples=1, scheduler="ddim", steps=2, guidance_scale=5.0, eta=0.0,
+                              clip=str(tiny_clip), dino=str(tiny_dino), batch_size=4)
+    before = evaluate_run(spec.run_dir, settings, progress=False)
+    floor_dir = before.folder.parents[2] / "_floor"
+    (floor_file,) = floor_dir.glob("*/floor.json")
+    floor_before = json.loads(floor_file.read_text())
+    images = {p.name: p.read_bytes() for p in (before.folder / "images").iterdir()}
+    stamp = (before.folder / "metrics.json").stat().st_mtime_ns
+    evaluate_run(spec.run_dir, settings, progress=False)
+    assert (before.folder / "metrics.json").stat().st_mtime_ns == stamp  # nothing changed: reused as it is
+
+    for photo in sorted(concept_dir.glob("*.png")):  # only the left half of each photo is the subject now
+        mask = Image.new("L", Image.open(photo).size, 0)
+        mask.paste(255, (0, 0, mask.width // 2, mask.height))
+        mask.save(masks / photo.name)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(evaluation, "RunSampler", no_sampling)
+    monkeypatch.setattr(evaluation, "sample_base_model", no_sampling)
+    after = evaluate_run(spec.run_dir, settings, progress=False)
+    assert after.folder == before.folder and after.metrics["references"] != before.metrics["references"]
+    assert {p.name: p.read_bytes() for p in (after.folder / "images").iterdir()} == images
+    scorers = Scorers(str(tiny_clip), str(tiny_dino))
+    reference = scorers.features(masked_references(spec.concept, load_concept_images("blob", str(concept_dir), 0)))
+    stored = [Image.open(after.folder / row["image"]).convert("RGB") for row in after.scored]
+    expected = scorers.dino.image_features(stored) @ torch.nn.functional.normalize(reference[1].float(), dim=-1).T
+    assert [row["dino"] for row in after.scored] == pytest.approx(expected.mean(1).tolist(), abs=1e-5)
+    assert [row["clip_t"] for row in after.scored] == [row["clip_t"] for row in before.scored]
+    floor_after = json.loads(floor_file.read_text())
+    assert floor_after["references"] == after.metrics["references"] and floor_after["dino"] != floor_before["dino"]
+    assert after.metrics["dino_floor"] == pytest.approx(floor_after["dino"])
+
+    for photo in sorted(concept_dir.glob("*.png")):  # the batch's evaluation step notices the same
+        Image.new("L", Image.open(photo).size, 255).save(masks / photo.name)
+    stale = evaluation.finished_evaluation(spec.run_dir, spec, settings)
+    rescored = add_bounds({str(spec.run_dir): stale}, settings)[str(spec.run_dir)]
+    assert rescored.metrics["references"] == before.metrics["references"]
+    assert rescored.metrics["dino"] == pytest.approx(before.metrics["dino"], abs=1e-5)
