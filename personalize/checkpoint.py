@@ -4,7 +4,7 @@ A checkpoint folder holds:
   learned.safetensors     every parameter trained so far ('unet.<name>', 'text_encoder.<name>')
   optimizer.safetensors   AdamW moments by parameter name (mid-stage checkpoints only)
   hooks.safetensors       tensors stage hooks keep, e.g. an EMA's shadow (mid-stage checkpoints only)
-  cursor.json             stage index, optimizer steps done in it, config hash, seed, stage state
+  cursor.json             stage index, optimizer steps done in it, config hash, seed, stage state, photos
 Randomness is derived from (seed, stage, step), so the cursor is all the RNG state a resume needs.
 Folders are written under a temporary name and renamed into place: a crash never leaves a torn one.
 """
@@ -30,6 +30,7 @@ class Cursor:
     config_hash: str
     seed: int
     stage_state: dict = field(default_factory=dict)  # e.g. the norm recorded by an embedding norm lock
+    photos: str | None = None  # the fingerprint of the photos trained on (personalize/fingerprint.py)
 
     @property
     def key(self) -> tuple[int, int]:

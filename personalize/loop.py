@@ -130,7 +130,7 @@ def run_stage(ctx: RunContext, index: int, stage: StageSpec, sink: Sink, resume:
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < stage.steps and rank == 0:
                     readback.flush(report)  # a checkpoint is written only after its step's loss was seen to be finite
                     state = {"seconds": time.perf_counter() - began, **hooks_state(hooks), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
-                    ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state),
+                    ckpt.save(ctx.run_dir / ckpt.CHECKPOINTS / ckpt.LATEST, ckpt.Cursor(index, done, spec.config_hash(), spec.seed, state, ctx.photos),
                               learned_state(ctx, index), ckpt.optimizer_tensors(optimizer, dict(enumerate(names))),
                               hooks_tensors(hooks))
         finally:  # the last step's losses, also when a step fails after it
@@ -234,13 +234,15 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         run_folder.check_photos(run_dir, done, spec)
         return RunOutcome(spec, "skipped", "already finished", stage_seconds=run_folder.stage_seconds(done),
                           outputs=done.get("outputs", []))
+    photos = photos_fingerprint(spec)  # before reading them: what this run trains on
     checkpoint = ckpt.latest(run_dir)
     if checkpoint is not None:
         run_folder.check_owner(run_dir, checkpoint.cursor.config_hash, spec)
+        run_folder.check_resumed_photos(run_dir, checkpoint.cursor.photos, photos, spec.concept.id)
         if not resume:
             raise RunStateError(f"{run_dir} holds a run that stopped part-way; pass --resume to continue it")
-    photos = photos_fingerprint(spec)  # before reading them: what this run trains on
     ctx = prepare_run(spec, components, progress)
+    ctx.photos = photos
     main = is_main()
     if main:
         run_folder.write_resolved_config(spec)
@@ -260,7 +262,7 @@ def run_method(spec: RunSpec, sink: Sink | None = None, components=None, progres
         result = run_stage(ctx, index, stage, sink, checkpoint, offsets[index], progress, validator)
         path = ckpt.stage_dir(run_dir, index, stage.name)
         if main:
-            ckpt.save(path, ckpt.Cursor(index + 1, 0, config_hash, spec.seed), learned_state(ctx, index))
+            ckpt.save(path, ckpt.Cursor(index + 1, 0, config_hash, spec.seed, photos=photos), learned_state(ctx, index))
             ckpt.discard_latest(run_dir)
         barrier()
         if spec.samples.heatmaps and main:

@@ -51,6 +51,7 @@ class RunContext:
     autocast_dtype: torch.dtype | None
     prior_folder: Path | None
     subject: str  # how prompts name the subject: "[V]", "[V] dog" or "[V1] cat and [V2] dog"
+    photos: str | None = None  # the fingerprint of the photos it trains on, recorded with its checkpoints
 
     @property
     def models(self) -> dict[str, nn.Module]:

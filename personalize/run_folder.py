@@ -66,6 +66,15 @@ def check_photos(run_dir: str | Path, done: dict, spec: RunSpec) -> None:
             f"kept. Train the new photos under another concept id or storage, or delete {run_dir} to train it again")
 
 
+def check_resumed_photos(run_dir: str | Path, recorded: str | None, current: str, concept: str) -> None:
+    """A run part-way resumes only on the photos it started on (checkpoints written before photos were recorded
+    resume as they are)."""
+    if recorded is not None and recorded != current:
+        raise RunStateError(
+            f"{concept}: its photos, captions or masks changed since the run in {run_dir} started; its checkpoints "
+            f"are kept. Train the new photos under another concept id or storage, or delete {run_dir} to start again")
+
+
 def stage_seconds(done: dict) -> dict[str, float]:
     """Stage name -> seconds, from a run's DONE.json."""
     return {name: timing["seconds"] for name, timing in done.get("stages", {}).items()}

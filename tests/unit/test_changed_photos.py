@@ -122,3 +122,20 @@ def test_runs_whose_photos_fingerprint_named_the_folders_are_reused(finished, co
     Image.new("RGB", (80, 80), (10, 200, 10)).save(concept_dir / "0.png")
     with pytest.raises(RunStateError, match="blob: its photos, captions or masks changed"):
         run_method(finished, progress=False)
+
+
+def test_a_run_part_way_resumes_only_on_the_photos_it_started_on(spec_for, concept_dir, tmp_path, monkeypatch):
+    from personalize import checkpoint as ckpt
+    from personalize.faults import InjectedFault
+
+    spec = spec_for("rare_two_stage")
+    monkeypatch.setenv("PERSONALIZE_INJECT_FAULT", f"model:1:{tmp_path / 'marker'}")
+    with pytest.raises(InjectedFault):  # stopped in its second stage, after the first stage's checkpoint
+        run_method(spec, progress=False)
+    cursor = ckpt.latest(spec.run_dir).cursor
+    assert cursor.photos == photos_fingerprint(spec)
+    before = folder_bytes(spec.run_dir)
+    Image.new("RGB", (80, 80), (10, 200, 10)).save(concept_dir / "0.png")
+    with pytest.raises(RunStateError, match=r"blob: its photos, captions or masks changed since the run in .* started"):
+        run_method(spec, progress=False, resume=True)
+    assert folder_bytes(spec.run_dir) == before
