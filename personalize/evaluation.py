@@ -87,14 +87,23 @@ class RunSampler:
 
 def floor_folder(run_dir: Path, spec: RunSpec, settings: EvaluationSpec) -> Path:
     """<output_dir>/<concept>/_floor/<prompt set>-<settings key>-<base key>: shared by every method of the concept
-    whose evaluation samples alike; the base key names the base model, resolution and concept (class phrase and
-    reference photos), which the floor also depends on."""
+    whose evaluation samples alike; the base key names the base model, resolution and concept (its class phrase),
+    which the floor also depends on, and not where the photos or a local model sit (floor.json records the
+    references it was scored against). A floor written when the key named those folders is still found."""
     sampling = protocol(spec, settings)
-    base = {"model": spec.model, "model_fingerprint": spec.model_fingerprint, "resolution": spec.resolution,
-            "concept": spec.concept.model_dump(mode="json", exclude={"holdout"})}
-    base_key = hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]
     key = settings_key(settings, sampling, exclude=frozenset({"tto"}))  # the base model has no placeholder to tune
-    return Path(run_dir).parent / FLOOR_FOLDER / f"{settings.prompts}-{key}-{base_key}"
+    parent = Path(run_dir).parent / FLOOR_FOLDER
+    name = f"{settings.prompts}-{key}-"
+    folder, legacy = parent / (name + base_key(spec, located=False)), parent / (name + base_key(spec, located=True))
+    return legacy if legacy.is_dir() and not folder.is_dir() else folder
+
+
+def base_key(spec: RunSpec, located: bool) -> str:
+    concept = spec.concept.model_dump(mode="json", exclude={"holdout"} if located else {"holdout", "images", "masks"})
+    base = {"model": spec.model, "model_fingerprint": spec.model_fingerprint, "resolution": spec.resolution, "concept": concept}
+    if not located and spec.model_fingerprint is not None:
+        del base["model"]
+    return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def sample_base_model(spec: RunSpec, rows: list[EvalRow], sampling: dict, batch_size: int, device: torch.device,

@@ -210,3 +210,23 @@ def test_changed_masks_rescore_the_evaluation_and_floor_from_their_stored_images
     rescored = add_bounds({str(spec.run_dir): stale}, settings)[str(spec.run_dir)]
     assert rescored.metrics["references"] == before.metrics["references"]
     assert rescored.metrics["dino"] == pytest.approx(before.metrics["dino"], abs=1e-5)
+
+
+def test_the_floor_is_found_again_for_photos_moved_elsewhere_and_under_its_earlier_name(spec_for, concept_dir,
+                                                                                       tiny_clip, tiny_dino, tmp_path):
+    import shutil
+
+    spec = spec_for("textual_inversion")
+    settings = EvaluationSpec(prompts="world_eval", samples=1, scheduler="ddim", steps=2, guidance_scale=5.0, eta=0.0,
+                              clip=str(tiny_clip), dino=str(tiny_dino))
+    folder = evaluation.floor_folder(spec.run_dir, spec, settings)
+    moved = spec_for("textual_inversion", concept={"id": "blob", "images": str(shutil.copytree(concept_dir, tmp_path / "moved")),
+                                                   "super_category": "toy"})
+    assert evaluation.floor_folder(moved.run_dir, moved, settings) == folder
+    other_class = spec_for("textual_inversion", concept={"id": "blob", "images": str(concept_dir), "super_category": "cup"})
+    assert evaluation.floor_folder(other_class.run_dir, other_class, settings) != folder
+    # a floor written when its key named the photos' folder is used as it is
+    legacy = folder.with_name(folder.name.rsplit("-", 1)[0] + "-" + evaluation.base_key(spec, located=True))
+    assert legacy != folder
+    legacy.mkdir(parents=True)
+    assert evaluation.floor_folder(spec.run_dir, spec, settings) == legacy
