@@ -43,13 +43,13 @@ RAY_MODULES = {
     "tests/pipelines/test_preflight_storage.py",
     "tests/pipelines/test_storage.py",
     "tests/tuning/test_sweep.py",
-    "tests/unit/test_quiet_terminal.py",
 }
 LATE_RAY_MODULES = {
     "tests/microworld/test_quality_smoke.py",
     "tests/pipelines/test_bad_input_corpus.py",
     "tests/pipelines/test_cleanup.py",
     "tests/pipelines/test_scale.py",
+    "tests/unit/test_quiet_terminal.py",
 }
 
 
