@@ -93,6 +93,11 @@ def leave_one_out_mean(candidates: torch.Tensor, references: torch.Tensor) -> fl
     return float(((cosines.sum(1) - cosines.diagonal()) / (count - 1)).mean())
 
 
+def concept_key(concept: ConceptSpec) -> str:
+    """A concept by its id and folders: runs of one id from two batches may hold different photos."""
+    return concept.model_dump_json()
+
+
 class Scorers:
     """CLIP and DINO encoders, loaded once; real-image features and identity ceilings cached per concept."""
 
@@ -107,18 +112,18 @@ class Scorers:
 
     def reference(self, spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP and DINO features of the concept's real images (foreground-masked when the concept has masks)."""
-        concept = spec.concept
-        if concept.id not in self._reference:
+        concept, key = spec.concept, concept_key(spec.concept)
+        if key not in self._reference:
             photos = load_concept_images(concept.id, concept.images, resolution=0)
-            self._reference[concept.id] = self.features(masked_references(concept, photos))
-        return self._reference[concept.id]
+            self._reference[key] = self.features(masked_references(concept, photos))
+        return self._reference[key]
 
     def ceiling(self, spec: RunSpec) -> tuple[dict[str, float], str]:
         """The identity scores of real photos of the subject, scored as generated images are (whole photo against
         the references), and where they came from: the concept's held-out photos, or without them leave-one-out
         over the reference photos."""
-        concept = spec.concept
-        if concept.id not in self._ceiling:
+        concept, key = spec.concept, concept_key(spec.concept)
+        if key not in self._ceiling:
             reference = self.reference(spec)
             if concept.holdout:
                 holdout = self.features(load_concept_images(concept.id, concept.holdout, resolution=0))
@@ -127,8 +132,8 @@ class Scorers:
                 photos = load_concept_images(concept.id, concept.images, resolution=0)
                 candidates = self.features(photos) if concept.masks else reference
                 scores = {key: leave_one_out_mean(candidates[i], reference[i]) for i, key in enumerate(IDENTITY_SCORES)}
-            self._ceiling[concept.id] = (scores, ceiling_source(concept))
-        return self._ceiling[concept.id]
+            self._ceiling[key] = (scores, ceiling_source(concept))
+        return self._ceiling[key]
 
     def rescored(self, scored: list[dict], images: list[Image.Image], reference: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
         """Scored rows with their identity scores taken again against `reference` (the text score stands)."""

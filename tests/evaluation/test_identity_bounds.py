@@ -230,3 +230,15 @@ def test_the_floor_is_found_again_for_photos_moved_elsewhere_and_under_its_earli
     assert legacy != folder
     legacy.mkdir(parents=True)
     assert evaluation.floor_folder(spec.run_dir, spec, settings) == legacy
+
+
+def test_scorers_keep_the_references_of_two_concepts_of_one_id_apart(spec_for, tiny_clip, tiny_dino, tmp_path):
+    """`personalize evaluate` over two batches may meet one concept id with other photos in each."""
+    first = spec_for("textual_inversion")
+    other = spec_for("textual_inversion", concept={"id": "blob", "images": str(draw_concept(tmp_path / "other", seed=9)),
+                                                   "super_category": "toy"})
+    scorers = Scorers(str(tiny_clip), str(tiny_dino))
+    a, b = scorers.reference(first), scorers.reference(other)
+    fresh = Scorers(str(tiny_clip), str(tiny_dino)).reference(other)
+    assert not torch.allclose(a[1], b[1]) and torch.allclose(b[1], fresh[1])
+    assert scorers.ceiling(first) != scorers.ceiling(other)
