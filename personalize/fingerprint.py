@@ -37,11 +37,7 @@ def photos_fingerprint(spec, folder_names: bool = False) -> str:
               if p.suffix.lower() in CAPTION_SUFFIXES and not p.name.startswith(".")]
     if spec.masked_loss and concept.masks:  # without a masks folder, training refuses the run
         files += [("mask", p) for p in find_masks(concept.id, concept.masks, [p.name for p in photos])]
-    h = hashlib.sha256()
-    for role, path in files:
-        h.update(f"{path.parent.name if folder_names else role}/{path.name}\0".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return content_digest([(p.parent.name, p) for _, p in files] if folder_names else files)
 
 
 def references_fingerprint(concept) -> str | None:
@@ -60,8 +56,13 @@ def references_fingerprint(concept) -> str | None:
             files += [("holdout", p) for p in list_image_files(concept.id, concept.holdout)]
     except ConceptError:
         return None
+    return content_digest(files)
+
+
+def content_digest(files: list[tuple[str, Path]]) -> str:
+    """Digest of (label, file) pairs: each file's label, name and bytes, in order."""
     h = hashlib.sha256()
-    for role, path in files:
-        h.update(f"{role}/{path.name}\0".encode())
+    for label, path in files:
+        h.update(f"{label}/{path.name}\0".encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
